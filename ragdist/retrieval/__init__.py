@@ -1,0 +1,1 @@
+"""The retrieval service: shard actors on Ray, a controller, and a fan-out/merge client."""

@@ -1,0 +1,1 @@
+"""Generator model, example construction, training engines and the training loop."""

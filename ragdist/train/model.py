@@ -1,0 +1,147 @@
+"""The generator: any HF causal LM by path, or a small one built from config with an offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ragdist.errors import ConfigError
+
+IGNORE = -100
+
+
+@dataclass
+class ModelConfig:
+    # Local dir or hub id of a causal LM; "" = build `arch` from the sizes below (random init).
+    name_or_path: str = ""
+    # Tokenizer for a model built from config: "minilm" = the one shipped with the offline embedder.
+    tokenizer: str = "minilm"
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position: int = 512
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    # Chunked linear + cross-entropy over answer tokens only, never materializing full logits.
+    fused_loss: bool = True
+    seed: int = 0
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    src = cfg.name_or_path or cfg.tokenizer
+    if src == "minilm":
+        from ragdist.embed.embedder import resolve_model_path
+
+        src = resolve_model_path("minilm")
+    if not _exists_locally(src):
+        raise ConfigError(f"model path {src!r} does not exist (models are not downloaded at run time)")
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.eos_token is None:
+        tok.eos_token = tok.sep_token or tok.pad_token
+    return tok
+
+
+def _exists_locally(src: str) -> bool:
+    if Path(src).exists():
+        return True
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    return True  # a hub id: the loader decides
+
+
+def build_generator(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    if cfg.name_or_path:
+        if not _exists_locally(cfg.name_or_path):
+            raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no such local model directory")
+        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+    if cfg.arch != "llama":
+        raise ConfigError(f"model.arch={cfg.arch!r}: only 'llama' can be built from config; pass name_or_path")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"model.hidden_size={cfg.hidden_size} is not divisible by model.num_heads={cfg.num_heads}")
+    from transformers import LlamaConfig
+
+    conf = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+
+
+class AnswerLossLM(nn.Module):
+    """Wraps a causal LM so that forward returns the loss on answer tokens only.
+
+    The output projection is applied only at positions that carry a label, so the
+    [batch × tokens × vocab] logits tensor is never built for the (long) passage context.
+    """
+
+    def __init__(self, lm: nn.Module, fused_loss: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.fused_loss = fused_loss
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        body = self.lm.get_decoder()
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # position t predicts token t+1
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        h = hidden[:, :-1][keep]
+        y = targets[keep]
+        head = self.lm.get_output_embeddings()
+        if h.shape[0] == 0:
+            return hidden.sum() * 0.0
+        return F.cross_entropy(head(h).float(), y)
+
+
+def save_pretrained_atomic(lm: nn.Module, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        lm.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".old-{out.name}-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_generator(path: str | Path) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{p}: not a saved model (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(p)

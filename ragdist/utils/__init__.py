@@ -1,0 +1,1 @@
+"""Small shared helpers: distributed setup, logging sinks, console output."""
