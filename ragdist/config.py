@@ -66,6 +66,24 @@ def register_configs() -> None:
     _registered = True
 
 
+def validate_keys(cfg: Any, schema: type = RunConfig, where: str = "") -> None:
+    """Refuse keys the schema does not have, even ones forced in with Hydra's `+key=value`."""
+    import dataclasses
+
+    from ragdist.errors import ConfigError
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key == "hydra" and not where:
+            continue
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{where}{key}' (known keys here: {known})")
+        sub = GROUPS.get(key) if not where else None
+        if sub is not None and isinstance(cfg[key], DictConfig):
+            validate_keys(cfg[key], sub, f"{where}{key}.")
+
+
 def conf_dir() -> str:
     """The YAML configs: $RAGDIST_CONF, else the repo's conf/ next to the package."""
     import os
@@ -83,7 +101,9 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
 
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return hcompose(config_name=config_name, overrides=list(overrides or []))
+        cfg = hcompose(config_name=config_name, overrides=list(overrides or []))
+    validate_keys(cfg)
+    return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:

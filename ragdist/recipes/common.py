@@ -16,7 +16,7 @@ from ragdist.config import as_object
 from ragdist.data import builtin
 from ragdist.data.corpus import chunk_documents, file_digest, load_documents
 from ragdist.data.qa import QAExample, check_disjoint, load_qa
-from ragdist.errors import IndexError_, RagdistError
+from ragdist.errors import DataError, IndexError_, RagdistError
 from ragdist.index import snapshot as snap
 
 log = logging.getLogger("ragdist")
@@ -80,6 +80,8 @@ def build_or_reuse_index(cfg: DictConfig, embedder: Any | None = None) -> Path:
         path = snap.resolve(cfg.index.snapshot)
         snap.read_manifest(path)
         return path
+    if not Path(cfg.corpus.path).is_file():
+        raise DataError(f"{cfg.corpus.path}: corpus file not found")
     embedder = embedder or build_embedder(as_object(cfg.embedder))
     key = index_key(cfg, embedder.name)
     if not cfg.index.rebuild:
@@ -120,7 +122,10 @@ def cli(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Bad input ends the program with one clear line and exit status 2, no traceback."""
 
     def wrapped(cfg: DictConfig) -> Any:
+        from ragdist.config import validate_keys
+
         try:
+            validate_keys(cfg)
             return fn(cfg)
         except RagdistError as e:
             print(f"ragdist: error: {e}", file=sys.stderr, flush=True)

@@ -43,8 +43,12 @@ def prepare(cfg: DictConfig) -> Any:
     from ragdist.embed import build_embedder
     from ragdist.retrieval.client import start_service
 
+    from ragdist.train.model import load_tokenizer
+
     resolve_data_paths(cfg)
-    load_qa_splits(cfg)  # fail on bad QA files before anything expensive starts
+    # Fail on bad QA files or a missing model before anything expensive starts.
+    load_qa_splits(cfg)
+    load_tokenizer(as_object(cfg.model))
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
     check_embedder_matches(read_manifest(snapshot), embedder)

@@ -1,0 +1,76 @@
+"""Shared fixtures: one loopback Ray cluster and one embedder per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster on 127.0.0.1, shared by every test (and every subprocess via RAY_ADDRESS)."""
+    import ray
+
+    from ragdist.retrieval.cluster import init_ray
+
+    address = init_ray(num_cpus=2, namespace="ragdist")
+    yield address
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from ragdist.embed import EmbedderConfig, build_embedder
+
+    return build_embedder(EmbedderConfig(progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_docs():
+    from ragdist.data.corpus import load_documents
+
+    return load_documents(DATA / "corpus.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_chunks(tiny_docs, embedder):
+    from ragdist.data.corpus import chunk_documents
+
+    return chunk_documents(tiny_docs, embedder.tokenizer, 128, 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_vectors(tiny_chunks, embedder):
+    return embedder.encode([c.text for c in tiny_chunks])
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tmp_path_factory, tiny_chunks, tiny_vectors, embedder):
+    from ragdist.index.builder import IndexConfig, build_snapshot
+
+    root = tmp_path_factory.mktemp("snapshots")
+    return build_snapshot(
+        tiny_chunks, tiny_vectors, IndexConfig(num_shards=2, root=str(root)), embedder_name=embedder.name
+    )
+
+
+def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 900, cwd: Path = ROOT):
+    """Run a console script of this venv; return the CompletedProcess."""
+    import subprocess
+
+    exe = Path(sys.executable).parent / args[0]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(
+        [str(exe), *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from ragdist.errors import ConfigError
+from ragdist.train.deepspeed_engine import deepspeed_config
+from ragdist.train.engine import TrainerConfig, lr_lambda
+from ragdist.train.examples import collate_prompts, collate_train, encode_train, prompt_ids
+from ragdist.train.loop import rank_batches
+from ragdist.train.model import IGNORE, AnswerLossLM, ModelConfig, build_generator, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ModelConfig())
+
+
+PASSAGES = [{"title": "Farah Airport", "text": "Farah Airport has IATA code FAH."}, {"title": "B", "text": "other"}]
+
+
+def test_example_layout_passages_question_answer(tok):
+    ex = encode_train(tok, "What is the IATA code of Farah Airport?", PASSAGES, "FAH", 256)
+    text = tok.decode(ex["input_ids"])
+    assert text.index("passage 1") < text.index("passage 2") < text.index("question") < text.rindex("fah")
+    answer = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
+    assert tok.decode(answer, skip_special_tokens=True).strip() == "fah"
+    assert answer[-1] == tok.eos_token_id
+    assert ex["labels"][: -len(answer)] == [IGNORE] * (len(ex["labels"]) - len(answer))
+
+
+def test_truncation_keeps_the_answer(tok):
+    long = [{"title": "x", "text": "word " * 500}] * 3
+    ex = encode_train(tok, "q?", long, "the answer", 64)
+    assert len(ex["input_ids"]) <= 64
+    kept = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
+    assert tok.decode(kept, skip_special_tokens=True).strip() == "the answer"
+    assert "question" in tok.decode(ex["input_ids"])
+
+
+def test_collate_pads_and_masks(tok):
+    a = encode_train(tok, "q?", [], "a", 64)
+    b = encode_train(tok, "a longer question?", PASSAGES, "b", 64)
+    batch = collate_train([a, b], tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][0].sum() == len(a["input_ids"])
+    left = collate_prompts([prompt_ids(tok, "q?", [], 64), prompt_ids(tok, "q?", PASSAGES, 64)], tok.pad_token_id)
+    assert left["attention_mask"][:, -1].all()  # left-padded: every prompt ends at the last column
+
+
+def test_answer_loss_equals_full_logits_loss(tok):
+    lm = build_generator(ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64), tok)
+    batch = collate_train([encode_train(tok, "q?", PASSAGES, "FAH", 64)] * 2, tok.pad_token_id)
+    ours = AnswerLossLM(lm)(**batch)
+    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_deepspeed_config_derives_global_batch():
+    ds = deepspeed_config(TrainerConfig(micro_batch_size=4, grad_accum=3, zero_stage=3, precision="bf16"), world_size=2)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="zero_stage"):
+        deepspeed_config(TrainerConfig(zero_stage=5), 2)
+
+
+def test_raw_deepspeed_json(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text('{"zero_optimization": {"stage": 1}, "train_batch_size": 999}')
+    ds = deepspeed_config(TrainerConfig(ds_config=str(p), micro_batch_size=2), 2)
+    assert ds["zero_optimization"]["stage"] == 1 and "train_batch_size" not in ds
+    p.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        deepspeed_config(TrainerConfig(ds_config=str(p)), 2)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(TrainerConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1)
+
+
+def test_rank_batches_partition_evenly():
+    a = rank_batches(103, 0, 2, 8, seed=1, epoch=0)
+    b = rank_batches(103, 1, 2, 8, seed=1, epoch=0)
+    flat_a = {int(i) for x in a for i in x}
+    flat_b = {int(i) for x in b for i in x}
+    assert len(a) == len(b) == 6 and not (flat_a & flat_b)
+    assert rank_batches(103, 0, 2, 8, seed=1, epoch=1)[0].tolist() != a[0].tolist()
