@@ -42,7 +42,12 @@ PAD_ID = -1
 #: Default database rows per block, per database dtype and device.  Tuned on a 2-core AVX512
 #: CPU (200k x 384, k=10): larger blocks amortise torch.topk's per-call, per-row cost; the
 #: score buffer is capped separately by ``_SCORE_BUFFER_BYTES``.
-_DEFAULT_BLOCK = {("cpu", "fp32"): 16384, ("cpu", "bf16"): 32768, ("cuda", "fp32"): 65536, ("cuda", "bf16"): 65536}
+_DEFAULT_BLOCK = {
+    ("cpu", "fp32"): 16384,
+    ("cpu", "bf16"): 32768,
+    ("cuda", "fp32"): 65536,
+    ("cuda", "bf16"): 65536,
+}
 #: Upper bound on the (query chunk x block) score buffer.
 _SCORE_BUFFER_BYTES = 128 << 20
 
@@ -109,10 +114,18 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     return t
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # One cheap reduction first: a finite sum implies finite entries (NaN/inf propagate); only
+    # a non-finite sum (bad entries, or overflow of huge finite ones) pays for the full check.
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_queries(q: torch.Tensor, d: int) -> None:
     if q.shape[1] != d:
         raise ValueError(f"dimension mismatch: queries have d={q.shape[1]}, database has d={d}")
-    if q.numel() and not bool(torch.isfinite(q).all()):
+    if not _all_finite(q):
         raise ValueError("queries contain NaN or infinite values")
 
 
@@ -137,7 +150,23 @@ def _candidates(k: int, bf16: bool) -> int:
 # core scan
 
 
-def _scan_torch(q: torch.Tensor, db: torch.Tensor, kk: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scratch_buffer(
+    scratch: dict | None, numel: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Flat score buffer; reused across calls when the caller keeps a ``scratch`` dict (large
+    fresh allocations are mmap'ed and page-faulted on every call otherwise)."""
+    if scratch is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    buf = scratch.get("scores")
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        scratch.pop("scores", None)
+        buf = scratch["scores"] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
+def _scan_torch(
+    q: torch.Tensor, db: torch.Tensor, kk: int, block: int, scratch: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-``kk`` of ``q @ db.T`` over row blocks; ``q`` already has ``db``'s dtype/device.
 
     Returns (scores in db dtype, int64 ids), both (nq, min(kk, nb)), sorted descending.
@@ -146,13 +175,13 @@ def _scan_torch(q: torch.Tensor, db: torch.Tensor, kk: int, block: int) -> tuple
     nb = db.shape[0]
     kk = min(kk, nb)
     block = max(1, min(block, nb))
-    buf = torch.empty((nq, block), dtype=db.dtype, device=db.device)
+    flat = _scratch_buffer(scratch, nq * block, db.dtype, db.device)
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for start in range(0, nb, block):
         stop = min(start + block, nb)
         n = stop - start
-        scores = buf if n == block else torch.empty((nq, n), dtype=db.dtype, device=db.device)
+        scores = flat[: nq * n].view(nq, n)
         torch.mm(q, db[start:stop].T, out=scores)
         v, i = torch.topk(scores, min(kk, n), dim=1)
         if start:
@@ -184,9 +213,11 @@ def _scan_triton(q: torch.Tensor, db: torch.Tensor, kk: int) -> tuple[torch.Tens
     return best_v, best_i
 
 
-def _rescore(q32: torch.Tensor, vecs: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rescore(
+    q32: torch.Tensor, vecs: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 scores of candidate ``ids`` (rows of ``vecs``); best ``k`` of them."""
-    cand = vecs[ids.reshape(-1)].reshape(ids.shape[0], ids.shape[1], -1).float()
+    cand = vecs.index_select(0, ids.reshape(-1)).view(ids.shape[0], ids.shape[1], -1).float()
     scores = torch.bmm(cand, q32.unsqueeze(2)).squeeze(2)
     kk = min(k, ids.shape[1])
     v, pos = torch.topk(scores, kk, dim=1)
@@ -201,6 +232,7 @@ def _search(
     *,
     block_size: int | None,
     backend: str,
+    scratch: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k on resident tensors; returns padded (nq, k) fp32 scores and int64 ids (on device)."""
     nq = q32.shape[0]
@@ -223,7 +255,7 @@ def _search(
         if use_triton:
             v, i = _scan_triton(qx.contiguous(), scan_db, kk)
         else:
-            v, i = _scan_torch(qx, scan_db, kk, block)
+            v, i = _scan_torch(qx, scan_db, kk, block, scratch)
         if bf16:
             v, i = _rescore(qc, exact_db if exact_db is not None else scan_db, i, k)
         else:
@@ -322,6 +354,7 @@ class TorchFlatIP:
         self.threads = int(threads) or None
         self.keep_fp32 = bool(keep_fp32) or db_dtype == "fp32"
         self.metric = "ip"
+        self._scratch: dict = {}
         self.reset()
 
     # FAISS-compatible surface -------------------------------------------------------------
@@ -354,13 +387,15 @@ class TorchFlatIP:
         if x.shape[0] == 0:
             return
         x = x.to(device=self.device, dtype=torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        if not _all_finite(x):
             raise ValueError("vectors contain NaN or infinite values")
         n_new = self._n + x.shape[0]
         for name, buf in list(self._bufs.items()):
             if n_new > buf.shape[0]:
                 # geometric growth keeps repeated add() calls amortised O(n)
-                grown = torch.empty((max(n_new, buf.shape[0] * 3 // 2), self.d), dtype=buf.dtype, device=buf.device)
+                grown = torch.empty(
+                    (max(n_new, buf.shape[0] * 3 // 2), self.d), dtype=buf.dtype, device=buf.device
+                )
                 grown[: self._n] = buf[: self._n]
                 buf = self._bufs[name] = grown
             buf[self._n : n_new] = x
@@ -377,7 +412,15 @@ class TorchFlatIP:
         scan = self._view("bf16") if self.db_dtype == "bf16" else exact
         assert scan is not None
         with _num_threads(self.threads):
-            v, i = _search(q32, scan, exact, int(k), block_size=self.block_size, backend=self.backend)
+            v, i = _search(
+                q32,
+                scan,
+                exact,
+                int(k),
+                block_size=self.block_size,
+                backend=self.backend,
+                scratch=self._scratch,
+            )
         return v.cpu().numpy(), i.cpu().numpy()
 
     def reconstruct(self, key: int) -> np.ndarray:
@@ -395,4 +438,6 @@ class TorchFlatIP:
         return self._n
 
     def __repr__(self) -> str:
-        return f"TorchFlatIP(d={self.d}, ntotal={self._n}, db_dtype={self.db_dtype!r}, backend={self.backend!r})"
+        return (
+            f"TorchFlatIP(d={self.d}, ntotal={self._n}, db_dtype={self.db_dtype!r}, backend={self.backend!r})"
+        )

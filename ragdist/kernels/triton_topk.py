@@ -68,7 +68,7 @@ def _kernel():
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
-        PRECISION: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -91,7 +91,10 @@ def _kernel():
                 mask=col_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            acc = tl.dot(q, tl.trans(x), acc, input_precision=PRECISION)
+            if IEEE:
+                acc = tl.dot(q, tl.trans(x), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(q, tl.trans(x), acc)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         out_off = rows.to(tl.int64) * stride_o + pid_n * K
         for i in range(K):
@@ -153,7 +156,7 @@ def tile_topk_ip(
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         BLOCK_D=32 if fp32 else 64,
-        PRECISION="ieee" if fp32 else "tf32",
+        IEEE=fp32,
         num_warps=4,
     )
     kk = min(k, out_v.shape[1])
