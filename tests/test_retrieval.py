@@ -32,10 +32,10 @@ def test_sharded_equals_single_index(ray_cluster, tmp_path, num_shards, sharding
         res = client.search(q, 10)
         single = faiss.IndexFlatIP(64)
         single.add(x)
-        D, I = single.search(q, 10)
-        np.testing.assert_array_equal(res.ids, I)
+        D, ids = single.search(q, 10)
+        np.testing.assert_array_equal(res.ids, ids)
         np.testing.assert_allclose(res.scores, D, rtol=0, atol=1e-5)
-        assert [[p["id"] for p in row] for row in res.passages] == [[chunks[i].id for i in row] for row in I]
+        assert [[p["id"] for p in row] for row in res.passages] == [[chunks[i].id for i in row] for row in ids]
     finally:
         stop_service(cfg)
 
@@ -49,8 +49,8 @@ def tiny_service(ray_cluster, tiny_snapshot):
 
 
 def test_text_retrieval_finds_the_gold_passage(tiny_service, embedder):
-    from tests.conftest import DATA
     from ragdist.data.qa import load_qa
+    from tests.conftest import DATA
 
     client = RetrievalClient(tiny_service, embedder=embedder)
     qa = load_qa(DATA / "eval.jsonl")

@@ -176,3 +176,13 @@ def verify_file(snapshot: str | Path, manifest: dict[str, Any], name: str) -> Pa
     if p.stat().st_size != info["bytes"] or file_digest(p) != info["sha256"]:
         raise IndexError_(f"{p}: checksum mismatch — the snapshot file is corrupted")
     return p
+
+
+def restore(root: str | Path, version: str) -> Path:
+    """Make an older complete version the LATEST again, after checking every file's checksum."""
+    path = resolve(root, version)
+    manifest = read_manifest(path)
+    for name in manifest["files"]:
+        verify_file(path, manifest, name)
+    set_latest(root, version)
+    return path

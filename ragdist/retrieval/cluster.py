@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
+
+# Ray reads this once, at import: unset, it resolves "127.0.0.1" to the machine's routable address
+# and binds the GCS and the workers there. Forcing it off keeps a local cluster on loopback.
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _force_loopback() -> None:
+    os.environ[_LOOPBACK_ENV] = "0"
+    consts = sys.modules.get("ray._private.ray_constants")
+    if consts is not None and getattr(consts, "ENABLE_RAY_CLUSTER", False):
+        # Ray was imported before us with the variable unset; the constant is read at call time.
+        consts.ENABLE_RAY_CLUSTER = False
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "ragdist") -> str:
@@ -14,11 +27,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     The address of a cluster started here is exported as RAY_ADDRESS so that processes we spawn
     (training ranks) attach to it instead of each starting a cluster of its own.
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        _force_loopback()
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
     else:
