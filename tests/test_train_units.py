@@ -91,3 +91,47 @@ def test_rank_batches_partition_evenly():
     flat_b = {int(i) for x in b for i in x}
     assert len(a) == len(b) == 6 and not (flat_a & flat_b)
     assert rank_batches(103, 0, 2, 8, seed=1, epoch=1)[0].tolist() != a[0].tolist()
+
+
+def test_deepspeed_offload_and_cpu_settings():
+    ds = deepspeed_config(TrainerConfig(zero_stage=3, offload_optimizer=True, offload_params=True), 2)
+    z = ds["zero_optimization"]
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        # a client torch optimizer with offload needs DeepSpeed told not to insist on its CPU Adam
+        assert ds["zero_force_ds_cpu_optimizer"] is False and "optimizer" not in ds
+        assert deepspeed_config(TrainerConfig(zero_stage=2), 2)["zero_optimization"]["contiguous_gradients"] is False
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+            deepspeed_config(TrainerConfig(precision="fp16"), 2)
+    with pytest.raises(ConfigError, match="offload_params needs trainer.zero_stage=3"):
+        deepspeed_config(TrainerConfig(zero_stage=2, offload_params=True), 2)
+    with pytest.raises(ConfigError, match="offload_optimizer needs"):
+        deepspeed_config(TrainerConfig(zero_stage=0, offload_optimizer=True), 2)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(engine="megatron"), "trainer.engine"),
+        (dict(precision="fp8"), "trainer.precision"),
+        (dict(grad_accum=0), "trainer.grad_accum"),
+        (dict(prefetch_depth=-1), "trainer.prefetch_depth"),
+        (dict(schedule="step"), "trainer.schedule"),
+    ],
+)
+def test_trainer_config_is_checked_before_any_process_group(kw, match):
+    from ragdist.train.engine import check_trainer_config
+
+    with pytest.raises(ConfigError, match=match):
+        check_trainer_config(TrainerConfig(**kw))
+
+
+def test_every_engine_and_peft_config_composes():
+    from ragdist.config import as_object, compose
+
+    for overrides in (["trainer=fsdp"], ["trainer=deepspeed", "peft=lora"], ["peft=qlora"], ["peft=none"]):
+        cfg = compose(overrides)
+        trainer, peft = as_object(cfg.trainer), as_object(cfg.peft)
+        assert trainer.engine in ("deepspeed", "fsdp") and peft.method in ("none", "lora", "qlora")
+    assert compose(["trainer=fsdp"]).trainer.engine == "fsdp"
+    assert compose(["trainer.examples.aggregation=sequential"]).trainer.examples.aggregation == "sequential"

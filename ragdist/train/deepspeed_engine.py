@@ -1,10 +1,12 @@
-"""DeepSpeed ZeRO 1/2/3 behind the `TrainEngine` protocol; CPU ranks talk over gloo."""
+"""DeepSpeed ZeRO 0/1/2/3 (+ CPU offload) behind the `TrainEngine` protocol; CPU ranks talk over gloo."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ragdist.errors import ConfigError
-from ragdist.train.engine import TrainerConfig, lr_lambda
+from ragdist.train.engine import TrainerConfig, lr_lambda, trainable_parameters
 
 log = logging.getLogger(__name__)
+
+_TAG = "ds"
 
 
 def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
@@ -34,20 +38,46 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
         return raw
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"trainer.zero_stage={cfg.zero_stage}: expected 0, 1, 2 or 3")
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    cuda = torch.cuda.is_available()
     if cfg.zero_stage == 3:
-        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    elif cfg.zero_stage in (1, 2) and not cuda:
+        # The contiguous gradient buffer saves GPU memory from fragmenting; on CPU it is only an
+        # extra copy of every gradient (~9% of a tiny model's step).
+        zero["contiguous_gradients"] = False
+    if cfg.offload_optimizer:
+        if cfg.zero_stage == 0:
+            raise ConfigError("trainer.offload_optimizer needs trainer.zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+        if cuda:
+            # On GPUs DeepSpeed's own CPU Adam (a config optimizer) makes offload fast.
+            ds["optimizer"] = {
+                "type": "AdamW",
+                "params": {"lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay},
+            }
+        else:
+            # On CPU the offloaded step runs the client torch AdamW; DeepSpeed would otherwise insist
+            # on compiling its CPU Adam op for no gain.
+            ds["zero_force_ds_cpu_optimizer"] = False
+    if cfg.offload_params:
+        if cfg.zero_stage != 3:
+            raise ConfigError("trainer.offload_params needs trainer.zero_stage=3 (DeepSpeed offloads parameters only in ZeRO-3)")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
+        if not cuda:
+            raise ConfigError("trainer.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
         ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
     elif cfg.precision != "fp32":
         raise ConfigError(f"trainer.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
@@ -70,42 +100,82 @@ class DeepSpeedEngine:
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)
+        self.zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
         self._hf_ds = None
-        if ds_cfg.get("zero_optimization", {}).get("stage") == 3:
+        if self.zero3:
             # ZeRO-3 partitions parameters as the model is built; the HF integration must see the
             # config first (and stay referenced) or the weights end up uninitialised.
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(ds_cfg)
         module = build_module()
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        params = trainable_parameters(module)
+        if "optimizer" in ds_cfg:
+            optimizer: Any = None
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if "scheduler" in ds_cfg:
+            scheduler: Any = None
+        elif optimizer is None:
+
+            def scheduler(opt: torch.optim.Optimizer) -> Any:
+                return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
+            model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg
         )
         self.module = self.engine.module
         self.device = self.engine.device
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         loss = self.engine(**batch)
         self.engine.backward(loss)
+        # DeepSpeed counts micro-batches itself and only steps (and clips) at accumulation boundaries.
         self.engine.step()
-        t = loss.detach().float().reshape(1).clone()
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return loss.detach().float()
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def save_checkpoint(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path), tag=_TAG, save_latest=False)
+
+    def load_checkpoint(self, path: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(
+            str(path), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise ConfigError(f"{path}: DeepSpeed could not load this checkpoint")
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.engine.zero_optimization_partition_weights():
+        if self.zero3:
             sd = self.engine._zero3_consolidated_16bit_state_dict()
             return sd if self.rank == 0 else None
-        return self.module.state_dict() if self.rank == 0 else None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.rank == 0 else None
+
+    @contextlib.contextmanager
+    def gathered_params(self) -> Iterator[None]:
+        if not self.zero3:
+            with torch.no_grad():
+                yield
+            return
+        import deepspeed
+
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            yield
 
     def close(self) -> None:
-        self.engine.destroy() if hasattr(self.engine, "destroy") else None
-        self.engine = None  # type: ignore[assignment]
-        self.optimizer = None
+        if self.engine is None:
+            return
+        self.engine.destroy()
+        self.engine = self.optimizer = self.scheduler = self.module = None  # type: ignore[assignment]
+        if self._hf_ds is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            # Otherwise every model built later in this process (an export, the next variant)
+            # would be partitioned as it is constructed.
+            unset_hf_deepspeed_config()
+            self._hf_ds = None
+        gc.collect()

@@ -1,24 +1,34 @@
-"""The `TrainEngine` protocol and the trainer config. Only the engine modules import deepspeed/FSDP."""
+"""The `TrainEngine` protocol and the trainer config. Only the engine modules import deepspeed/FSDP.
+
+    ragdist-train trainer=deepspeed trainer.zero_stage=3 trainer.offload_optimizer=true
+    ragdist-train trainer=fsdp trainer.precision=bf16
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ragdist.errors import ConfigError
+from ragdist.train.examples import ExamplesConfig
 
 
 @dataclass
 class TrainerConfig:
     engine: str = "deepspeed"  # deepspeed | fsdp
     nproc: int = 2  # ranks ragdist-train spawns on this node when not started by a launcher
-    zero_stage: int = 2
+    zero_stage: int = 2  # DeepSpeed only: 0 (plain data parallel), 1, 2 or 3
+    # CPU offload. DeepSpeed: optimizer state (ZeRO 1-3) and parameters (ZeRO-3 only);
+    # FSDP2: either one turns on CPUOffloadPolicy, which offloads parameters, gradients and the step.
+    offload_optimizer: bool = False
+    offload_params: bool = False
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-3
@@ -28,8 +38,8 @@ class TrainerConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     min_lr_ratio: float = 0.1
     max_steps: int = 1000
-    grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_clip: float = 1.0  # 0 = no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: DeepSpeed only)
     max_seq_len: int = 256
     log_every: int = 25
     seed: int = 0
@@ -37,22 +47,46 @@ class TrainerConfig:
     master_port: int = 0  # 0 = pick a free port
     variants: list[str] = field(default_factory=lambda: ["rag", "closed_book"])
     ds_config: str = ""  # a raw DeepSpeed JSON file; overrides what is derived from this config
+    # Checkpoints of the training state (model, optimizer, scheduler, RNG, data position) under
+    # <run_dir>/train_state/<variant>/step_N; 0 = only at the end.
+    save_every: int = 0
+    keep_checkpoints: int = 2  # newest checkpoints kept per variant
+    resume: str = ""  # "" = start fresh | auto = newest checkpoint of this run_dir if any | a path
+    prefetch_depth: int = 2  # batches each rank retrieves ahead in a background thread; 0 = inline
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
 
 
 @runtime_checkable
 class TrainEngine(Protocol):
+    """What the training loop needs from a distributed engine; DeepSpeed and FSDP2 implement it."""
+
     rank: int
     world_size: int
     module: nn.Module
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """Forward, backward and (at accumulation boundaries) optimizer step; returns the mean loss over ranks."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one micro-batch; the optimizer steps at each accumulation boundary.
+
+        Returns this rank's detached loss; the loop reduces it over ranks once per optimizer step.
+        """
         ...
 
     def lr(self) -> float: ...
 
+    def save_checkpoint(self, path: Path) -> None:
+        """Collective: every rank writes its part of model, optimizer and scheduler state under `path`."""
+        ...
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Collective: restore what `save_checkpoint` wrote."""
+        ...
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on rank 0 (None elsewhere), gathered from shards if needed."""
+        """Collective: the whole model's weights on rank 0 (None elsewhere), gathered from shards if needed."""
+        ...
+
+    def gathered_params(self) -> AbstractContextManager[None]:
+        """Collective: inside, every rank's `module` holds whole parameters (no grad), e.g. to inspect them."""
         ...
 
     def close(self) -> None: ...
@@ -77,9 +111,40 @@ def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
     return f
 
 
+def check_trainer_config(cfg: TrainerConfig) -> None:
+    """Values the schema's types cannot rule out, refused before any process group exists."""
+    if cfg.engine not in ("deepspeed", "fsdp"):
+        raise ConfigError(f"trainer.engine={cfg.engine!r}: expected 'deepspeed' or 'fsdp'")
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"trainer.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(cfg, key)}: must be at least 1")
+    for key in ("save_every", "prefetch_depth", "warmup_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(cfg, key)}: must not be negative")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"trainer.keep_checkpoints={cfg.keep_checkpoints}: keep at least 1")
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"trainer.schedule={cfg.schedule!r}: expected cosine, linear or constant")
+    if len(cfg.betas) != 2:
+        raise ConfigError(f"trainer.betas={list(cfg.betas)}: expected two numbers")
+
+
 def build_engine(cfg: TrainerConfig, build_module: Callable[[], nn.Module], run_dir: str | Path) -> TrainEngine:
+    """`build_module` is called once, inside the engine, after whatever must precede model construction."""
+    check_trainer_config(cfg)
     if cfg.engine == "deepspeed":
         from ragdist.train.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, build_module, run_dir)
-    raise ConfigError(f"trainer.engine={cfg.engine!r}: expected 'deepspeed' or 'fsdp'")
+    from ragdist.train.fsdp_engine import FSDPEngine
+
+    return FSDPEngine(cfg, build_module, run_dir)
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("no trainable parameters: the peft/freeze settings froze the whole model")
+    return params

@@ -1,33 +1,121 @@
-"""Training and eval examples built from retrieved passages: passages, then question, then answer."""
+"""Training and eval examples built from retrieved passages: passages, then question, then answer.
+
+A training batch is made in two stages, both deterministic in (seed, epoch, example index) so that
+building it in a background thread (prefetch) or inline gives the same tensors:
+
+1. selection — retrieved passages (top-k, plus lower ranks when those feed distractors) become the
+   passages of the example: distractors replace or join them with probability p, the gold passage
+   is injected when retrieval missed it, and the order is shuffled (training only);
+2. encoding — one example with all passages (`concat`), one per passage (`sequential`, as RA-DIT
+   trains), or one whose context is a generated summary of the passages (`summarize`), truncated
+   to the token budget with the answer always kept.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import string
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ragdist.errors import ConfigError, IndexError_
 from ragdist.train.model import IGNORE
+
+log = logging.getLogger(__name__)
 
 PASSAGE_TEMPLATE = "passage {n}: {title}. {text}\n"
 QUESTION_TEMPLATE = "question: {question}\nanswer:"
+
+
+@dataclass
+class ExamplesConfig:
+    # Each retrieved passage, in order; fields: {n} (1-based position), {title}, {text}.
+    passage_template: str = PASSAGE_TEMPLATE
+    # After the passages; fields: {question}. The answer follows it after one space.
+    question_template: str = QUESTION_TEMPLATE
+    aggregation: str = "concat"  # concat | sequential | summarize
+    shuffle_passages: bool = True  # seeded shuffle while training; eval keeps rank order
+    distractor_p: float = 0.0  # per passage slot, probability that a distractor replaces / joins it
+    distractor_mode: str = "replace"  # replace | add
+    distractor_source: str = "lower_ranks"  # lower_ranks (over-retrieved) | random (any passage)
+    over_retrieve: int = 0  # lower ranks fetched for distractors; 0 = as many as top_k
+    inject_gold_p: float = 0.0  # probability of putting the gold passage in when retrieval missed it
+    answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
+    # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
+    summary_model: str = ""
+    summary_prompt: str = "{passages}summary:"  # fields: {passages} (the formatted passages)
+    summary_max_new_tokens: int = 24
+    summary_max_input: int = 192  # tokens of passages the summarizer reads
+
+
+def check_examples_config(cfg: ExamplesConfig) -> None:
+    _check_fields(cfg.passage_template, {"n", "title", "text"}, set(), "passage_template")
+    _check_fields(cfg.question_template, {"question"}, {"question"}, "question_template")
+    _check_fields(cfg.summary_prompt, {"passages"}, {"passages"}, "summary_prompt")
+    choices = {
+        "aggregation": ("concat", "sequential", "summarize"),
+        "distractor_mode": ("replace", "add"),
+        "distractor_source": ("lower_ranks", "random"),
+    }
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"trainer.examples.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
+    for key in ("distractor_p", "inject_gold_p"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"trainer.examples.{key}={getattr(cfg, key)}: must be a probability in [0, 1]")
+    if not 0.0 < cfg.answer_max_frac <= 1.0:
+        raise ConfigError(f"trainer.examples.answer_max_frac={cfg.answer_max_frac}: must be in (0, 1]")
+    if cfg.over_retrieve < 0:
+        raise ConfigError(f"trainer.examples.over_retrieve={cfg.over_retrieve}: must not be negative")
+
+
+def _check_fields(template: str, allowed: set[str], required: set[str], key: str) -> None:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"trainer.examples.{key}={template!r}: not a valid template ({e})") from None
+    if names - allowed:
+        raise ConfigError(
+            f"trainer.examples.{key}={template!r}: unknown field(s) {sorted(names - allowed)}; allowed {sorted(allowed)}"
+        )
+    if required - names:
+        raise ConfigError(f"trainer.examples.{key}={template!r}: must contain {sorted(required - names)}")
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer: Any, question: str, passages: Sequence[dict[str, Any]], budget: int) -> list[int]:
+def format_passages(passages: Sequence[dict[str, Any]], fmt: ExamplesConfig | None = None) -> list[str]:
+    template = fmt.passage_template if fmt else PASSAGE_TEMPLATE
+    return [template.format(n=n, title=p.get("title", ""), text=p["text"]) for n, p in enumerate(passages, start=1)]
+
+
+def prompt_ids(
+    tokenizer: Any,
+    question: str,
+    passages: Sequence[dict[str, Any]],
+    budget: int,
+    fmt: ExamplesConfig | None = None,
+) -> list[int]:
     """Passages first (truncated to fit `budget` tokens in all), then the question."""
-    q = _ids(tokenizer, QUESTION_TEMPLATE.format(question=question))
+    q_template = fmt.question_template if fmt else QUESTION_TEMPLATE
+    q = _ids(tokenizer, q_template.format(question=question))
     room = budget - len(q)
     if room < 0:
         return q[-budget:]
     ctx: list[int] = []
-    for n, p in enumerate(passages, start=1):
+    for text in format_passages(passages, fmt):
         if room <= 0:
             break
-        piece = _ids(tokenizer, PASSAGE_TEMPLATE.format(n=n, title=p.get("title", ""), text=p["text"]))[:room]
+        piece = _ids(tokenizer, text)[:room]
         ctx += piece
         room -= len(piece)
     bos = [tokenizer.cls_token_id] if getattr(tokenizer, "cls_token_id", None) is not None else []
@@ -35,12 +123,18 @@ def prompt_ids(tokenizer: Any, question: str, passages: Sequence[dict[str, Any]]
 
 
 def encode_train(
-    tokenizer: Any, question: str, passages: Sequence[dict[str, Any]], answer: str, max_len: int
+    tokenizer: Any,
+    question: str,
+    passages: Sequence[dict[str, Any]],
+    answer: str,
+    max_len: int,
+    fmt: ExamplesConfig | None = None,
 ) -> dict[str, list[int]]:
     """Loss only on the answer (and the end-of-answer token); the answer is never truncated away."""
+    frac = fmt.answer_max_frac if fmt else 0.5
     ans = _ids(tokenizer, " " + answer) + [tokenizer.eos_token_id]
-    ans = ans[: max(1, max_len // 2)]
-    prompt = prompt_ids(tokenizer, question, passages, max_len - len(ans))
+    ans = ans[: max(1, int(max_len * frac))]
+    prompt = prompt_ids(tokenizer, question, passages, max_len - len(ans), fmt)
     return {"input_ids": prompt + ans, "labels": [IGNORE] * len(prompt) + ans}
 
 
@@ -66,3 +160,225 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
         ids[i, n - len(p) :] = torch.tensor(p)
         mask[i, n - len(p) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+class PassageStore:
+    """Passages by id (chunk id, or document id → its first chunk), for gold injection and random distractors.
+
+    Loaded from a snapshot's Parquet files (checksummed like the shards load them); kept small:
+    id, document id, title and text only.
+    """
+
+    def __init__(self, passages: list[dict[str, Any]]):
+        if not passages:
+            raise IndexError_("passage store is empty")
+        self.passages = passages
+        self.by_id: dict[str, dict[str, Any]] = {}
+        for p in passages:
+            self.by_id.setdefault(str(p["id"]), p)
+            if p.get("doc_id") is not None:
+                self.by_id.setdefault(str(p["doc_id"]), p)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: str | Path) -> PassageStore:
+        import pyarrow.parquet as pq
+
+        from ragdist.index.snapshot import read_manifest, verify_file
+
+        snapshot = Path(snapshot)
+        manifest = read_manifest(snapshot)
+        out: list[dict[str, Any]] = []
+        for info in manifest["shards"]:
+            table = pq.read_table(verify_file(snapshot, manifest, info["meta"]), columns=["id", "doc_id", "title", "text"])
+            out += table.to_pylist()
+        return cls(out)
+
+    def get(self, pid: str) -> dict[str, Any] | None:
+        return self.by_id.get(str(pid))
+
+    def sample(self, rng: np.random.Generator, n: int, exclude: set[str]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        # Bounded: with a corpus barely larger than `exclude` a few tries may come back empty.
+        for j in rng.integers(0, len(self.passages), size=4 * n + 8):
+            p = self.passages[int(j)]
+            if p["id"] not in exclude:
+                out.append(p)
+                exclude = exclude | {p["id"]}
+                if len(out) == n:
+                    break
+        return out
+
+
+def _is_gold(p: dict[str, Any], gold: set[str]) -> bool:
+    return str(p.get("id")) in gold or str(p.get("doc_id")) in gold
+
+
+def select_passages(
+    retrieved: Sequence[dict[str, Any]],
+    *,
+    top_k: int,
+    gold_ids: Sequence[str],
+    fmt: ExamplesConfig,
+    rng: np.random.Generator,
+    store: PassageStore | None,
+    train: bool,
+) -> list[dict[str, Any]]:
+    """The passages one example shows: top-k, then (training only) distractors, gold injection, shuffle."""
+    chosen = list(retrieved[:top_k])
+    if not train or top_k == 0:
+        return chosen
+    if fmt.distractor_p > 0:
+        flips = rng.random(len(chosen)) < fmt.distractor_p
+        n = int(flips.sum())
+        if n:
+            if fmt.distractor_source == "lower_ranks":
+                pool = list(retrieved[top_k : top_k + n])
+            else:
+                pool = store.sample(rng, n, {p["id"] for p in chosen}) if store else []
+            slots = [i for i, f in enumerate(flips) if f][: len(pool)]
+            if fmt.distractor_mode == "replace":
+                for i, d in zip(slots, pool):
+                    chosen[i] = d
+            else:
+                chosen += pool[: len(slots)]
+    gold = set(gold_ids)
+    if fmt.inject_gold_p > 0 and gold and store is not None and not any(_is_gold(p, gold) for p in chosen):
+        if rng.random() < fmt.inject_gold_p:
+            found = next((store.get(g) for g in gold_ids if store.get(g) is not None), None)
+            if found is not None:
+                # The gold passage takes the lowest-ranked slot, as if retrieval had ranked it there.
+                chosen = chosen[:-1] + [found] if len(chosen) >= top_k else chosen + [found]
+    if fmt.shuffle_passages and len(chosen) > 1:
+        chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    return chosen
+
+
+class Summarizer:
+    """A frozen causal LM that condenses an example's passages into a short context (greedy, cached)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, fmt: ExamplesConfig, cache_size: int = 10_000):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.cache: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        self.cache_size = cache_size
+
+    @torch.no_grad()
+    def __call__(self, passage_lists: list[list[dict[str, Any]]]) -> list[str]:
+        keys = [tuple(str(p.get("id", p["text"])) for p in ps) for ps in passage_lists]
+        todo = [i for i, k in enumerate(keys) if k not in self.cache and passage_lists[i]]
+        if todo:
+            prompts = []
+            for i in todo:
+                text = "".join(format_passages(passage_lists[i], self.fmt))
+                ids = _ids(self.tokenizer, text)[: self.fmt.summary_max_input]
+                prompt = self.fmt.summary_prompt.format(passages=self.tokenizer.decode(ids))
+                prompts.append(_ids(self.tokenizer, prompt))
+            batch = collate_prompts(prompts, self.tokenizer.pad_token_id)
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=self.fmt.summary_max_new_tokens,
+                do_sample=False,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            for i, row in zip(todo, new):
+                self.cache[keys[i]] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        return [self.cache.get(k, "") if ps else "" for k, ps in zip(keys, passage_lists)]
+
+
+@dataclass
+class Batch:
+    """One rank's micro-batch, ready for the engine, with what was needed to build it."""
+
+    tensors: dict[str, torch.Tensor]
+    example_ids: list[int]
+    passage_ids: list[list[str]]
+    build_s: float  # retrieval + selection + encoding, wherever it ran
+    retrieval_s: float
+    tokens: int = field(default=0)
+
+
+class ExampleBuilder:
+    """Turns example indices into a training batch: retrieve, select, aggregate, encode, collate."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        fmt: ExamplesConfig,
+        *,
+        top_k: int,
+        max_len: int,
+        retrieve: Callable[[list[str], int], list[list[dict[str, Any]]]] | None,
+        store: PassageStore | None = None,
+        summarizer: Summarizer | None = None,
+        seed: int = 0,
+    ):
+        check_examples_config(fmt)
+        if top_k > 0 and retrieve is None:
+            raise ConfigError("examples with passages need a retrieval function (top_k > 0)")
+        if fmt.aggregation == "summarize" and top_k > 0 and summarizer is None:
+            raise ConfigError("trainer.examples.aggregation=summarize needs a summarizer model")
+        needs_store = fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random")
+        if needs_store and store is None and top_k > 0:
+            raise ConfigError(
+                "trainer.examples.inject_gold_p / distractor_source=random need the snapshot's passages "
+                "(a PassageStore); none was given"
+            )
+        self.tokenizer, self.fmt, self.top_k, self.max_len = tokenizer, fmt, top_k, max_len
+        self.retrieve, self.store, self.summarizer, self.seed = retrieve, store, summarizer, seed
+
+    def fetch_k(self) -> int:
+        """How many ranks to retrieve: top-k, plus the lower ranks that distractors come from."""
+        if self.fmt.distractor_p > 0 and self.fmt.distractor_source == "lower_ranks":
+            return self.top_k + (self.fmt.over_retrieve or self.top_k)
+        return self.top_k
+
+    def build(self, examples: Sequence[Any], ids: Sequence[int], epoch: int, *, train: bool = True) -> Batch:
+        t0 = time.perf_counter()
+        batch = [examples[int(i)] for i in ids]
+        if self.top_k > 0:
+            retrieved = self.retrieve([ex.question for ex in batch], self.fetch_k())  # type: ignore[misc]
+        else:
+            retrieved = [[] for _ in batch]
+        t1 = time.perf_counter()
+        chosen = []
+        for ex, i, ps in zip(batch, ids, retrieved):
+            # Keyed by the example, not by a shared stream: the same choice whichever thread, rank
+            # or resume point builds it.
+            rng = np.random.default_rng([self.seed, epoch, int(i)])
+            chosen.append(
+                select_passages(
+                    ps, top_k=self.top_k, gold_ids=ex.gold_ids, fmt=self.fmt, rng=rng, store=self.store, train=train
+                )
+            )
+        rows = self.encode(batch, chosen)
+        tensors = collate_train(rows, self.tokenizer.pad_token_id)
+        return Batch(
+            tensors=tensors,
+            example_ids=[int(i) for i in ids],
+            passage_ids=[[str(p.get("id", "")) for p in ps] for ps in chosen],
+            build_s=time.perf_counter() - t0,
+            retrieval_s=t1 - t0,
+            tokens=int(tensors["attention_mask"].sum()),
+        )
+
+    def encode(self, batch: Sequence[Any], chosen: list[list[dict[str, Any]]]) -> list[dict[str, list[int]]]:
+        tok, fmt, n = self.tokenizer, self.fmt, self.max_len
+        agg = fmt.aggregation if self.top_k > 0 else "concat"
+        if agg == "concat":
+            return [encode_train(tok, ex.question, ps, ex.answers[0], n, fmt) for ex, ps in zip(batch, chosen)]
+        if agg == "sequential":
+            rows = []
+            for ex, ps in zip(batch, chosen):
+                for p in ps or [None]:
+                    rows.append(encode_train(tok, ex.question, [p] if p else [], ex.answers[0], n, fmt))
+            return rows
+        summaries = self.summarizer(chosen)  # type: ignore[misc]
+        return [
+            encode_train(tok, ex.question, [{"title": "summary", "text": s}] if s else [], ex.answers[0], n, fmt)
+            for ex, s in zip(batch, summaries)
+        ]

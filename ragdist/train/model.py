@@ -96,7 +96,11 @@ class AnswerLossLM(nn.Module):
     """Wraps a causal LM so that forward returns the loss on answer tokens only.
 
     The output projection is applied only at positions that carry a label, so the
-    [batch × tokens × vocab] logits tensor is never built for the (long) passage context.
+    [batch × tokens × vocab] logits tensor is never built for the (long) passage context. With
+    `fused_loss`, even the [answer tokens × vocab] logits are never built whole: a chunked
+    linear + cross-entropy kernel walks them. It needs the head's whole weight, so where an engine
+    keeps only a shard of it outside the head's own forward (ZeRO-3), or the head is wrapped (LoRA on
+    the head), the plain path runs instead.
     """
 
     def __init__(self, lm: nn.Module, fused_loss: bool = True):
@@ -115,16 +119,49 @@ class AnswerLossLM(nn.Module):
         head = self.lm.get_output_embeddings()
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
+        if self.fused_loss and _whole_linear(head, h.shape[-1]):
+            fused = _fused_kernel()
+            if fused is not None:
+                w = head.weight
+                return fused(h.to(w.dtype), w, y, bias=head.bias).float()
         return F.cross_entropy(head(h).float(), y)
 
 
-def save_pretrained_atomic(lm: nn.Module, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+def _whole_linear(head: nn.Module, hidden_size: int) -> bool:
+    if type(head) is not nn.Linear:
+        return False
+    w = head.weight
+    # A ZeRO-3 partitioned parameter is an empty placeholder outside its module's forward; an FSDP2
+    # sharded one is a DTensor. Both are refused here; FSDP2's root parameters are whole in forward.
+    if hasattr(w, "ds_id") or type(w).__name__ == "DTensor":
+        return False
+    return w.dim() == 2 and w.shape[1] == hidden_size
+
+
+def _fused_kernel() -> Any:
+    try:
+        from ragdist.kernels.linear_ce import linear_cross_entropy
+    except ImportError:  # pragma: no cover - the kernels package ships with ragdist
+        return None
+    return linear_cross_entropy
+
+
+def save_pretrained_atomic(
+    lm: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    state_dict: dict | None = None,
+    extra_dirs: dict[str, Path] | None = None,
+) -> Path:
+    """An HF model dir that appears whole or not at all; `extra_dirs` (already written) move inside it."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
     try:
         lm.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        for name, src in (extra_dirs or {}).items():
+            os.rename(src, tmp / name)
         if out.exists():
             old = out.with_name(f".old-{out.name}-{os.getpid()}")
             os.rename(out, old)
@@ -134,6 +171,8 @@ def save_pretrained_atomic(lm: nn.Module, tokenizer: Any, out_dir: str | Path, s
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for src in (extra_dirs or {}).values():
+            shutil.rmtree(src, ignore_errors=True)
         raise
     return out
 

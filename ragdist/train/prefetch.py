@@ -1,0 +1,101 @@
+"""Build the next batches (retrieval included) in a background thread while the current one trains.
+
+The producer walks the same sequence of positions the loop would and builds each batch with
+randomness keyed by its position, so prefetching changes when a batch is built, never what it
+holds. The queue is bounded: at most `depth` batches wait, so a slow trainer never lets retrieval
+run unboundedly ahead (or pile up memory).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+P = TypeVar("P")
+T = TypeVar("T")
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Prefetcher(Generic[P, T]):
+    """Iterate `(produce(p), wait_s)` over `positions`; `wait_s` is how long the consumer was blocked.
+
+    depth=0 builds inline (the consumer waits for all of it).
+    """
+
+    def __init__(self, produce: Callable[[P], T], positions: Iterable[P], depth: int):
+        self.produce = produce
+        self.positions = iter(positions)
+        self.depth = depth
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._run, name="ragdist-prefetch", daemon=True)
+            self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for p in self.positions:
+                if self._stop.is_set() or not self._put(self.produce(p)):
+                    return
+            self._put(_DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it in the main thread
+            self._put(_Failure(e))
+
+    def __iter__(self) -> Iterator[tuple[T, float]]:
+        if self._thread is None:
+            for p in self.positions:
+                t0 = time.perf_counter()
+                item = self.produce(p)
+                yield item, time.perf_counter() - t0
+            return
+        while True:
+            t0 = time.perf_counter()
+            while True:
+                try:
+                    item = self._queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        raise RuntimeError("the prefetch thread stopped without a result") from None
+            wait = time.perf_counter() - t0
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item, wait
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            while True:  # unblock a producer waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def __enter__(self) -> Prefetcher[P, T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
