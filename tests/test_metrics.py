@@ -10,6 +10,7 @@ from ragdist.eval.metrics import (
     _matches,
     aggregate,
     answer_in_passages,
+    answer_recall_at_k,
     exact_match,
     faithfulness,
     is_hallucination,
@@ -19,6 +20,8 @@ from ragdist.eval.metrics import (
     percentiles,
     precision_at_k,
     recall_at_k,
+    retrieval_scores,
+    score_answer,
     token_f1,
 )
 
@@ -314,3 +317,62 @@ def test_aggregate() -> None:
     assert math.isnan(out["recall@5"])  # all NaN
     assert out["halluc"] == 1.0  # only present in one row
     assert aggregate([]) == {}
+
+
+# --------------------------------------------------------------------------- score_answer
+
+
+def test_score_answer_with_context() -> None:
+    # correct and in the passages: faithful, not a hallucination
+    s = score_answer("1,026", ["1026"], PASSAGES)
+    assert s == {"em": 1.0, "f1": 1.0, "answered": 1.0, "faithfulness": 1.0, "hallucination": 0.0}
+    # wrong and not in the passages: unfaithful hallucination
+    s = score_answer("1890", ["1889"], PASSAGES)
+    assert s == {"em": 0.0, "f1": 0.0, "answered": 1.0, "faithfulness": 0.0, "hallucination": 1.0}
+    # wrong but copied from the passages: faithful, not a hallucination
+    s = score_answer("330 metres", ["1889"], PASSAGES)
+    assert s["faithfulness"] == 1.0 and s["hallucination"] == 0.0 and s["em"] == 0.0
+
+
+def test_score_answer_abstention_and_closed_book() -> None:
+    s = score_answer("", ["1889"], PASSAGES)
+    assert s["answered"] == 0.0 and math.isnan(s["faithfulness"]) and s["hallucination"] == 0.0
+    # closed book: faithfulness undefined, every wrong answer is a hallucination
+    s = score_answer("1890", ["1889"], None)
+    assert math.isnan(s["faithfulness"]) and s["hallucination"] == 1.0
+    s = score_answer("The 1889.", ["1889"], None)
+    assert s["em"] == 1.0 and s["hallucination"] == 0.0
+    # an empty context (retrieval found nothing) is a context: unsupported, 0 not NaN
+    assert score_answer("1889", ["1889"], [])["faithfulness"] == 0.0
+
+
+def test_score_answer_aggregates_to_rates() -> None:
+    rows = [
+        score_answer("1889", ["1889"], PASSAGES),  # faithful, right
+        score_answer("1890", ["1889"], PASSAGES),  # unfaithful, hallucination
+        score_answer("", ["1889"], PASSAGES),  # abstains: no faithfulness
+        score_answer("330 metres", ["1889"], PASSAGES),  # faithful, wrong
+    ]
+    out = aggregate(rows)
+    assert out["em"] == pytest.approx(1 / 4)
+    assert out["answered"] == pytest.approx(3 / 4)
+    assert out["faithfulness"] == pytest.approx(2 / 3)  # over the 3 answered
+    assert out["hallucination"] == pytest.approx(1 / 4)  # over all 4
+
+
+def test_answer_recall_at_k() -> None:
+    assert answer_recall_at_k(PASSAGES, ["1026"], 1) == 0.0  # only in the second passage
+    assert answer_recall_at_k(PASSAGES, ["1026"], 2) == 1.0
+    assert answer_recall_at_k(PASSAGES, ["Louvre", "eiffel tower"], 1) == 1.0  # any reference
+    assert answer_recall_at_k([], ["1026"], 3) == 0.0
+    with pytest.raises(ValueError):
+        answer_recall_at_k(PASSAGES, ["1026"], 0)
+
+
+def test_retrieval_scores_bundle() -> None:
+    out = retrieval_scores(RANKING, GOLD, [2, 5])
+    assert set(out) == {"precision@2", "recall@2", "ndcg@2", "precision@5", "recall@5", "ndcg@5", "mrr"}
+    assert out["precision@5"] == pytest.approx(2 / 5)
+    assert out["recall@2"] == pytest.approx(1 / 3)
+    assert out["mrr"] == pytest.approx(1 / 2)
+    assert out["ndcg@5"] == pytest.approx(0.4982, abs=1e-4)

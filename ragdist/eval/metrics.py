@@ -17,6 +17,7 @@ import numpy as np
 __all__ = [
     "aggregate",
     "answer_in_passages",
+    "answer_recall_at_k",
     "exact_match",
     "faithfulness",
     "is_hallucination",
@@ -26,6 +27,8 @@ __all__ = [
     "percentiles",
     "precision_at_k",
     "recall_at_k",
+    "retrieval_scores",
+    "score_answer",
     "token_f1",
 ]
 
@@ -158,6 +161,27 @@ def is_hallucination(prediction: str, answers: Sequence[str], passages: Sequence
     return not answer_in_passages(prediction, passages)
 
 
+def score_answer(prediction: str, answers: Sequence[str], passages: Sequence[str] | None) -> dict[str, float]:
+    """Per-question answer scores; ``passages=None`` means closed book (no context given).
+
+    ``faithfulness`` is NaN where it is undefined (closed book, or no answer given), so
+    :func:`aggregate` averages it over answered questions that had a context only.
+    """
+    answered = bool(normalize_answer(prediction))
+    ctx = list(passages) if passages is not None else []
+    if passages is None or not answered:
+        faithful = float("nan")
+    else:
+        faithful = faithfulness(prediction, ctx)
+    return {
+        "em": exact_match(prediction, answers),
+        "f1": token_f1(prediction, answers),
+        "answered": float(answered),
+        "faithfulness": faithful,
+        "hallucination": float(is_hallucination(prediction, answers, ctx)),
+    }
+
+
 # --------------------------------------------------------------------------- retrieval
 
 
@@ -255,6 +279,27 @@ def ndcg_at_k(retrieved: Sequence[str], gold: Collection[str], k: int) -> float:
     dcg = sum(1.0 / math.log2(i + 2) for i, hit in enumerate(_hits(retrieved, gold_set, k)) if hit)
     idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(gold_set), k)))
     return dcg / idcg
+
+
+def answer_recall_at_k(passages: Sequence[str], answers: Sequence[str], k: int) -> float:
+    """1.0 if some reference answer occurs in the top ``k`` passages' text, else 0.0.
+
+    Needs no gold ids, so it measures retrieval on data that only has answers.
+    """
+    _check_k(k)
+    top = list(passages)[:k]
+    return float(any(answer_in_passages(a, top) for a in _as_answers(answers)))
+
+
+def retrieval_scores(retrieved: Sequence[str], gold: Collection[str], ks: Iterable[int]) -> dict[str, float]:
+    """precision@k, recall@k and ndcg@k for every k, and MRR over the whole ranking."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"precision@{k}"] = precision_at_k(retrieved, gold, k)
+        out[f"recall@{k}"] = recall_at_k(retrieved, gold, k)
+        out[f"ndcg@{k}"] = ndcg_at_k(retrieved, gold, k)
+    out["mrr"] = mrr(retrieved, gold)
+    return out
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -1,10 +1,16 @@
-"""Evaluate a generator on held-out questions, with retrieved passages or closed book."""
+"""Evaluate one generator on held-out questions: answers, faithfulness, tokens, robustness, latency.
+
+A strategy is a generator plus, optionally, a retriever. Retrieval is done once per retriever to
+a depth that covers every check (top-k sweep, recall curves, hard distractors), and each check
+takes a prefix or a perturbation of that ranking, so every strategy sharing a retriever sees
+exactly the same contexts.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +18,20 @@ import torch
 
 from ragdist.data.qa import QAExample
 from ragdist.eval import metrics as M
+from ragdist.eval.robustness import (
+    Passage,
+    insert_at_random,
+    passage_text,
+    pick_distractors,
+    question_rng,
+    reorder,
+)
 from ragdist.train.examples import collate_prompts, prompt_ids
+
+Retrieve = Callable[[list[str], int], list[list[Passage]]]
+
+# The rows of the comparison, in table order (see ragdist/eval/compare.py).
+STRATEGIES = ["closed_book", "base_rag", "closed_book_rag", "rag", "joint"]
 
 
 @dataclass
@@ -23,10 +42,35 @@ class EvalConfig:
     max_prompt_len: int = 256
     checkpoint: str = ""  # ragdist-eval: model dir to evaluate ("" = the run's checkpoints)
     run_dir: str = ""  # ragdist-eval: a finished run whose checkpoints to evaluate
+    # ragdist-eval: train the rows that have no checkpoint yet (rag, closed_book), then compare.
+    compare: bool = False
+    # Which rows to report (those whose inputs exist): closed_book | base_rag | closed_book_rag | rag | joint.
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    # A joint (generator + retriever) run to add as a row: its run dir; the parts below override it.
+    joint_run: str = ""
+    joint_checkpoint: str = ""  # generator dir ("" = <joint_run>/checkpoints/joint, else .../rag)
+    joint_snapshot: str = ""  # index snapshot ("" = the joint run's index.snapshot)
+    joint_encoder: str = ""  # query encoder dir ("" = <joint_run>/retriever, else the run's embedder)
+    topk_sweep: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 5])  # EM vs number of passages
+    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10])  # P/R/nDCG@k cut-offs
+    distractors: list[int] = field(default_factory=lambda: [1, 3])  # passages added for the robustness EM
+    distractor_source: str = "hard"  # hard (ranked below top-k, not answering) | random (from the corpus)
+    order_checks: bool = True  # EM with the passage order reversed and shuffled
+    latency_samples: int = 32  # questions timed one at a time (batch size 1), per strategy
+    latency_warmup: int = 2  # untimed questions before those
+    nli_model: str = ""  # local HF sequence-classification dir: model-based faithfulness ("" = off)
+    nli_label: str = "entailment"
+    nli_threshold: float = 0.5
+    nli_batch_size: int = 16
+    plots: bool = True
+    seed: int = 0
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+def generate(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int
+) -> tuple[list[str], list[int]]:
+    """Greedy answers and the number of tokens generated for each (up to and including end-of-answer)."""
     batch = collate_prompts(prompts, tokenizer.pad_token_id)
     out = model.generate(
         **batch,
@@ -35,8 +79,235 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    new = out[:, batch["input_ids"].shape[1] :]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    texts, counts = [], []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        n = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        counts.append(n)
+        texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
+    return texts, counts
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    return generate(model, tokenizer, prompts, max_new_tokens)[0]
+
+
+@dataclass
+class Generations:
+    predictions: list[str]
+    prompt_tokens: list[int]
+    generated_tokens: list[int]
+    seconds_per_q: list[float]  # batch time shared out over the batch
+
+
+def generate_all(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[QAExample],
+    contexts: Sequence[Sequence[Passage]] | None,
+    cfg: EvalConfig,
+    fmt: Any | None = None,
+) -> Generations:
+    g = Generations([], [], [], [])
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = examples[i : i + cfg.batch_size]
+        ctxs = contexts[i : i + cfg.batch_size] if contexts is not None else [[] for _ in batch]
+        prompts = [
+            prompt_ids(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt) for ex, ctx in zip(batch, ctxs)
+        ]
+        t0 = time.perf_counter()
+        texts, counts = generate(model, tokenizer, prompts, cfg.max_new_tokens)
+        dt = (time.perf_counter() - t0) / len(batch)
+        g.predictions += texts
+        g.generated_tokens += counts
+        g.prompt_tokens += [len(p) for p in prompts]
+        g.seconds_per_q += [dt] * len(batch)
+    return g
+
+
+def em_of(examples: Sequence[QAExample], predictions: Sequence[str]) -> float:
+    return float(np.mean([M.exact_match(p, ex.answers) for ex, p in zip(examples, predictions)]))
+
+
+def f1_of(examples: Sequence[QAExample], predictions: Sequence[str]) -> float:
+    return float(np.mean([M.token_f1(p, ex.answers) for ex, p in zip(examples, predictions)]))
+
+
+def _p95(xs: Sequence[float]) -> float:
+    return M.percentiles(xs, (95,))["p95"]
+
+
+def probe_latency(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[QAExample],
+    retrieve: Retrieve | None,
+    top_k: int,
+    cfg: EvalConfig,
+    fmt: Any | None = None,
+) -> dict[str, list[float]]:
+    """Per-question latency as a user would see it: one question at a time, retrieval then generation."""
+    qs = list(examples[: cfg.latency_samples])
+    warm = qs[: min(cfg.latency_warmup, len(qs))]
+    out: dict[str, list[float]] = {"retrieval": [], "generation": [], "e2e": []}
+    for j, ex in enumerate(warm + qs):
+        t0 = time.perf_counter()
+        ctx = retrieve([ex.question], top_k)[0] if retrieve is not None and top_k > 0 else []
+        t1 = time.perf_counter()
+        generate(
+            model,
+            tokenizer,
+            [prompt_ids(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt)],
+            cfg.max_new_tokens,
+        )
+        t2 = time.perf_counter()
+        if j < len(warm):
+            continue
+        if retrieve is not None and top_k > 0:
+            out["retrieval"].append(t1 - t0)
+        out["generation"].append(t2 - t1)
+        out["e2e"].append(t2 - t0)
+    return out
+
+
+def evaluate_strategy(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[QAExample],
+    *,
+    ranked: Sequence[Sequence[Passage]] | None,
+    top_k: int,
+    cfg: EvalConfig,
+    retrieve: Retrieve | None = None,
+    pool: Sequence[Passage] = (),
+    nli: Any | None = None,
+    checks: bool = True,
+    fmt: Any | None = None,
+) -> dict[str, Any]:
+    """Every per-strategy figure. `ranked` holds each question's passages to the retrieval depth
+    (None = closed book); `retrieve` is used, uncached, only for the latency probe; `fmt` is the
+    training recipe's prompt format (trainer.examples), so the model is asked as it was taught."""
+    model.eval()
+    closed = ranked is None or top_k <= 0
+    contexts = None if closed else [list(r[:top_k]) for r in ranked]  # type: ignore[index]
+    main = generate_all(model, tokenizer, examples, contexts, cfg, fmt)
+    q_only = [len(prompt_ids(tokenizer, ex.question, [], cfg.max_prompt_len, fmt)) for ex in examples]
+    rows: list[dict[str, Any]] = []
+    for i, ex in enumerate(examples):
+        ctx = None if contexts is None else contexts[i]
+        scores = M.score_answer(
+            main.predictions[i], ex.answers, None if ctx is None else [passage_text(p) for p in ctx]
+        )
+        rows.append(
+            {
+                "id": ex.id,
+                "question": ex.question,
+                "answers": ex.answers,
+                "prediction": main.predictions[i],
+                "retrieved": [] if ctx is None else [p["id"] for p in ctx],
+                **scores,
+                "prompt_tokens": main.prompt_tokens[i],
+                "generated_tokens": main.generated_tokens[i],
+            }
+        )
+    if nli is not None and contexts is not None:
+        from ragdist.eval.faithfulness import claim
+
+        scores = nli.scores(
+            ["\n".join(passage_text(p) for p in ctx) for ctx in contexts],
+            [claim(ex.question, r["prediction"]) for ex, r in zip(examples, rows)],
+        )
+        for r, s in zip(rows, scores):
+            answered = r["answered"] > 0
+            r["nli_score"] = float(s) if answered else float("nan")
+            r["faithfulness_nli"] = float(s >= cfg.nli_threshold) if answered else float("nan")
+    numeric = [
+        {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for r in rows
+    ]
+    m: dict[str, Any] = M.aggregate(numeric)
+    added = [p - q for p, q in zip(main.prompt_tokens, q_only)]
+    m.update(
+        n=len(rows),
+        top_k=0 if closed else top_k,
+        prompt_tokens=float(np.mean(main.prompt_tokens)),
+        prompt_tokens_p95=_p95(main.prompt_tokens),
+        generated_tokens=float(np.mean(main.generated_tokens)),
+        generated_tokens_p95=_p95(main.generated_tokens),
+        question_tokens=float(np.mean(q_only)),
+        retrieval_added_tokens=float(np.mean(added)),
+        retrieval_added_tokens_p95=_p95(added),
+        tokens_per_q=float(np.mean(main.prompt_tokens) + np.mean(main.generated_tokens)),
+        batched_generation_s_per_q=float(np.mean(main.seconds_per_q)),
+    )
+    if not closed and checks:
+        m.update(
+            _sweep_and_robustness(model, tokenizer, examples, ranked, top_k, cfg, pool, main.predictions, fmt)
+        )  # type: ignore[arg-type]
+    lat = probe_latency(model, tokenizer, examples, None if closed else retrieve, top_k, cfg, fmt)
+    m["retrieval_latency_s"] = M.percentiles(lat["retrieval"]) if lat["retrieval"] else {}
+    m["generation_latency_s"] = M.percentiles(lat["generation"])
+    m["e2e_latency_s"] = M.percentiles(lat["e2e"])
+    return {"metrics": m, "rows": rows, "latency": lat}
+
+
+def _sweep_and_robustness(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[QAExample],
+    ranked: Sequence[Sequence[Passage]],
+    top_k: int,
+    cfg: EvalConfig,
+    pool: Sequence[Passage],
+    main_predictions: list[str],
+    fmt: Any | None = None,
+) -> dict[str, Any]:
+    # Greedy decoding is deterministic, so a context set already generated for (k=1 reversed is k=1,
+    # k=top_k is the main run, ...) is looked up instead of generated again.
+    def key(contexts: Sequence[Sequence[Passage]]) -> tuple:
+        return tuple(tuple(str(p.get("id")) for p in ctx) for ctx in contexts)
+
+    done = {key([list(r[:top_k]) for r in ranked]): main_predictions}
+
+    def run(contexts: list[list[Passage]]) -> list[str]:
+        k = key(contexts)
+        if k not in done:
+            done[k] = generate_all(model, tokenizer, examples, contexts, cfg, fmt).predictions
+        return done[k]
+
+    out: dict[str, Any] = {"em_at_k": {}, "f1_at_k": {}}
+    depth = max((len(r) for r in ranked), default=0)
+    for k in sorted(set(cfg.topk_sweep)):
+        if k < 0 or k > depth:
+            continue
+        preds = run([list(r[:k]) for r in ranked])
+        out["em_at_k"][str(k)] = em_of(examples, preds)
+        out["f1_at_k"][str(k)] = f1_of(examples, preds)
+    if cfg.distractors:
+        out["em_distractors"], out["distractors_added"] = {}, {}
+    for n in sorted(set(d for d in cfg.distractors if d > 0)):
+        contexts, added = [], []
+        for i, (ex, r) in enumerate(zip(examples, ranked)):
+            rng = question_rng(cfg.seed, i, 1000 + n)
+            extra = pick_distractors(
+                r,
+                top_k,
+                n,
+                gold_ids=ex.gold_ids,
+                answers=ex.answers,
+                source=cfg.distractor_source,
+                pool=pool,
+                rng=rng,
+            )
+            contexts.append(insert_at_random(r[:top_k], extra, rng))
+            added.append(len(extra))
+        out["em_distractors"][str(n)] = em_of(examples, run(contexts))
+        out["distractors_added"][str(n)] = float(np.mean(added))
+    if cfg.order_checks:
+        out["em_reversed"] = em_of(examples, run([reorder(r[:top_k], "reversed") for r in ranked]))
+        shuffled = [
+            reorder(r[:top_k], "shuffled", question_rng(cfg.seed, i, 7)) for i, r in enumerate(ranked)
+        ]
+        out["em_shuffled"] = em_of(examples, run(shuffled))
+    return out
 
 
 def evaluate_model(
@@ -45,50 +316,27 @@ def evaluate_model(
     examples: list[QAExample],
     *,
     top_k: int,
-    retrieve: Callable[[list[str], int], list[list[dict[str, Any]]]] | None,
+    retrieve: Retrieve | None,
     cfg: EvalConfig,
+    fmt: Any | None = None,
 ) -> dict[str, Any]:
-    """EM / F1 of generated answers; recall@k against gold ids when retrieving; per-stage latency."""
-    model.eval()
+    """One strategy end to end, retrieving with `retrieve` itself (no shared ranking)."""
     examples = examples[: cfg.max_questions] if cfg.max_questions else examples
-    rows: list[dict[str, Any]] = []
-    ret_lat, gen_lat = [], []
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = examples[i : i + cfg.batch_size]
-        t0 = time.perf_counter()
-        if top_k > 0 and retrieve is not None:
-            passages = retrieve([ex.question for ex in batch], top_k)
-        else:
-            passages = [[] for _ in batch]
-        t1 = time.perf_counter()
-        prompts = [prompt_ids(tokenizer, ex.question, ps, cfg.max_prompt_len) for ex, ps in zip(batch, passages)]
-        answers = generate_answers(model, tokenizer, prompts, cfg.max_new_tokens)
-        t2 = time.perf_counter()
-        ret_lat.append((t1 - t0) / len(batch))
-        gen_lat.append((t2 - t1) / len(batch))
-        for ex, ps, pred, pr in zip(batch, passages, answers, prompts):
-            ids = [p["id"] for p in ps]
-            row = {
-                "id": ex.id,
-                "question": ex.question,
-                "answers": ex.answers,
-                "prediction": pred,
-                "retrieved": ids,
-                "em": M.exact_match(pred, ex.answers),
-                "f1": M.token_f1(pred, ex.answers),
-                "prompt_tokens": len(pr),
-            }
-            if top_k > 0 and ex.gold_ids:
-                row[f"recall@{top_k}"] = M.recall_at_k(ids, ex.gold_ids, top_k)
-                row["recall@1"] = M.recall_at_k(ids, ex.gold_ids, 1)
-            rows.append(row)
-    agg = M.aggregate([{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in rows])
-    agg["n"] = len(rows)
-    agg["retrieval_latency_s"] = M.percentiles(ret_lat) if top_k > 0 else {}
-    agg["generation_latency_s"] = M.percentiles(gen_lat)
-    agg["top_k"] = top_k
-    return {"metrics": agg, "rows": rows}
+    ranked = None
+    if top_k > 0 and retrieve is not None:
+        depth = retrieval_depth(cfg, top_k)
+        ranked = []
+        for i in range(0, len(examples), cfg.batch_size):
+            ranked += retrieve([ex.question for ex in examples[i : i + cfg.batch_size]], depth)
+    return evaluate_strategy(
+        model, tokenizer, examples, ranked=ranked, top_k=top_k, cfg=cfg, retrieve=retrieve
+    )
 
 
-def mean_or_nan(xs: list[float]) -> float:
-    return float(np.mean(xs)) if xs else float("nan")
+def retrieval_depth(cfg: EvalConfig, top_k: int) -> int:
+    """How deep to retrieve once so that every check can take a prefix of the same ranking."""
+    depth = max([top_k, *cfg.recall_ks, *cfg.topk_sweep])
+    if cfg.distractor_source == "hard" and cfg.distractors:
+        # Room to skip passages below the top-k that still contain the answer.
+        depth = max(depth, top_k + 4 * max(cfg.distractors))
+    return depth

@@ -1,98 +1,362 @@
-"""ragdist-eval: evaluate checkpoints on held-out questions, with retrieval and closed book.
+"""ragdist-eval: fine-tune only vs RAG at inference vs RAG fine-tuned (vs joint), in one command.
 
-    ragdist-eval eval.run_dir=runs/2026-11-25_10-00-00          # a finished ragdist-train run
-    ragdist-eval eval.checkpoint=/path/to/model retrieval.top_k=5
+    ragdist-eval eval.compare=true                                  # train the missing rows, compare all
+    ragdist-eval +experiment=tiny eval.compare=true logger=wandb    # the tests' sample; wandb offline
+    ragdist-eval eval.run_dir=runs/2026-11-25_10-00-00             # a finished ragdist-train run
+    ragdist-eval eval.run_dir=runs/A eval.joint_run=runs/J          # add a joint-retriever row
+    ragdist-eval eval.checkpoint=/path/to/model retrieval.top_k=5   # one model, with and without retrieval
+
+Writes report.md, report.json, plots/*.png and predictions_<row>.jsonl to the run directory, and
+logs the same figures through the configured logger (logger=wandb: offline unless logger.mode=online).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ragdist.config import as_object, conf_dir, load_resolved, register_configs
 from ragdist.errors import ConfigError
-from ragdist.recipes.common import cli, load_qa_splits, log, setup_logging
+from ragdist.recipes.common import cli, dump_config, load_qa_splits, log, setup_logging
+
+TRAINABLE = ("rag", "closed_book")
 
 
-def evaluate_checkpoints(cfg: DictConfig, ckpts: dict[str, str], embedder: Any | None) -> dict[str, Any]:
-    """Evaluate each named checkpoint: `closed_book` without passages, anything else with top-k."""
-    from ragdist.eval.report import table, write_report
-    from ragdist.eval.runner import evaluate_model
-    from ragdist.retrieval.client import RetrievalClient
-    from ragdist.train.model import load_generator
+def _base_description(cfg: DictConfig) -> str:
+    m = cfg.model
+    if m.name_or_path:
+        return f"`{m.name_or_path}`"
+    return (
+        f"{m.arch} {m.hidden_size}×{m.num_layers} built from config (random init, seed {m.seed}; "
+        "the base_rag row is the untrained floor)"
+    )
 
-    _, evals = load_qa_splits(cfg)
-    retrieve = None
-    if any(name != "closed_book" for name in ckpts):
-        retrieve = RetrievalClient(as_object(cfg.retrieval), embedder=embedder).retrieve
-    results, predictions = {}, {}
-    for name, path in ckpts.items():
-        model, tokenizer = load_generator(path)
-        k = 0 if name == "closed_book" else cfg.retrieval.top_k
-        out = evaluate_model(model, tokenizer, evals, top_k=k, retrieve=retrieve, cfg=as_object(cfg.eval))
-        results[name] = out["metrics"]
-        predictions[name] = out["rows"]
-        log.info("eval %s: EM %.3f F1 %.3f", name, out["metrics"]["em"], out["metrics"]["f1"])
-    run_dir = Path(cfg.run_dir)
-    training = {}
-    for name in ckpts:
+
+def _model_loader(cfg: DictConfig) -> Any:
+    from ragdist.eval.compare import BASE
+    from ragdist.train.model import build_generator, load_generator, load_tokenizer
+
+    def load(ref: str) -> tuple[Any, Any]:
+        if ref == BASE:
+            mcfg = as_object(cfg.model)
+            tokenizer = load_tokenizer(mcfg)
+            return build_generator(mcfg, tokenizer).eval(), tokenizer
+        return load_generator(ref)
+
+    return load
+
+
+def _training(run_dir: Path, names: list[str]) -> dict[str, Any]:
+    out = {}
+    for name in names:
         f = run_dir / f"train_{name}.json"
         if f.is_file():
             s = json.loads(f.read_text())
             s.pop("history", None)
-            training[name] = s
+            out[name] = s
+    return out
+
+
+def _write_predictions(run_dir: Path, predictions: dict[str, list[dict[str, Any]]]) -> None:
+    from ragdist.eval.report import clean
+    from ragdist.index.snapshot import atomic_write_text
+
     for name, rows in predictions.items():
-        with open(run_dir / f"predictions_{name}.jsonl", "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-    report = write_report(
-        run_dir,
-        results,
-        {"training": training, "index_snapshot": cfg.index.snapshot, "eval_file": cfg.data.eval},
+        text = "".join(json.dumps(clean(r), ensure_ascii=False) + "\n" for r in rows)
+        atomic_write_text(run_dir / f"predictions_{name}.jsonl", text)
+
+
+def _log(cfg: DictConfig, report: dict[str, Any], plots: list[Path]) -> str | None:
+    from ragdist.eval.report import HEADER
+    from ragdist.utils.logger import RunLogger, flatten_metrics
+
+    lcfg = as_object(cfg.logger)
+    lcfg = dataclasses.replace(lcfg, name=lcfg.name or f"{Path(cfg.run_dir).name}-eval")
+    logger = RunLogger(lcfg, cfg.run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        flat = flatten_metrics(
+            {
+                "eval": report["results"],
+                "retrieval": {
+                    n: {**r["metrics"], "batched_retrieval_s_per_q": r.get("batched_retrieval_s_per_q")}
+                    for n, r in report.get("retrieval", {}).items()
+                },
+            }
+        )
+        logger.log(flat)
+        logger.summary(flat)
+        columns = [c.strip() for c in HEADER.strip("|").split("|")]
+        rows = []
+        for name, m in report["results"].items():
+            k = m.get("top_k") or 0
+            rows.append(
+                [
+                    report["strategies"][name]["label"],
+                    m.get("em"),
+                    m.get("f1"),
+                    m.get("faithfulness"),
+                    m.get("hallucination"),
+                    m.get(f"recall@{k}") if k else None,
+                    (m.get("e2e_latency_s") or {}).get("p50"),
+                    m.get("tokens_per_q"),
+                ]
+            )
+        logger.log_table("eval/comparison", columns, rows)
+        logger.log_images({f"eval/plots/{p.stem}": p for p in plots})
+        return logger.run_path
+    finally:
+        logger.finish()
+
+
+def evaluate_checkpoints(
+    cfg: DictConfig, ckpts: dict[str, str], embedder: Any | None, *, base: bool = True
+) -> dict[str, Any]:
+    """Every comparison row that `ckpts` (+ the base model, + eval.joint_run) allows, on the held-out
+    questions; writes report.md / report.json / plots / predictions to cfg.run_dir. The retrieval
+    service for cfg.index.snapshot must be running."""
+    from ragdist.data.qa import check_disjoint, load_qa
+    from ragdist.eval.compare import BASE, ServiceRetriever, plan, resolve_joint, run_comparison
+    from ragdist.eval.faithfulness import build_scorer
+    from ragdist.eval.plots import write_plots
+    from ragdist.eval.report import clean, table, write_report
+    from ragdist.eval.robustness import load_passage_pool
+
+    _, evals = load_qa_splits(cfg)  # also refuses eval questions that appear in training
+    ecfg = as_object(cfg.eval)
+    evals = evals[: ecfg.max_questions] if ecfg.max_questions else evals
+    run_dir = Path(cfg.run_dir)
+    joint = None
+    if ecfg.joint_run and "joint" in ecfg.strategies:
+        joint = resolve_joint(ecfg, as_object(cfg.embedder))
+        if joint.train_file and Path(joint.train_file).is_file():
+            check_disjoint(load_qa(joint.train_file), evals, joint.train_file, cfg.data.eval)
+    strategies = plan(
+        ckpts, wanted=ecfg.strategies, base=base, joint_checkpoint=joint.checkpoint if joint else None
     )
-    print("\n" + table(results) + "\n", flush=True)
+    fmt = as_object(cfg.trainer.examples)
+    for s in strategies:
+        s.fmt = joint.fmt if (s.name == "joint" and joint is not None and joint.fmt is not None) else fmt
+        if s.model == BASE and not cfg.model.name_or_path:
+            # Random weights: top-k and robustness curves of an untrained model measure noise, at the
+            # highest generation cost (it never stops early), so that row gets the main figures only.
+            s.checks = False
+    if not strategies:
+        raise ConfigError(
+            f"nothing to evaluate: eval.strategies={ecfg.strategies} with checkpoints {sorted(ckpts)}"
+        )
+    log.info("eval: %d questions, rows %s", len(evals), [s.name for s in strategies])
+
+    retrievers: dict[str, Any] = {}
+    pools: dict[str, Any] = {}
+    owned = []
+    try:
+        if any(s.retriever == "main" for s in strategies):
+            retrievers["main"] = ServiceRetriever(as_object(cfg.retrieval), embedder)
+            if ecfg.distractor_source == "random":
+                pools["main"] = load_passage_pool(cfg.index.snapshot, seed=ecfg.seed)
+        if joint is not None:
+            retrievers["joint"] = _joint_retriever(cfg, joint, owned)
+            if ecfg.distractor_source == "random":
+                pools["joint"] = load_passage_pool(joint.snapshot, seed=ecfg.seed)
+        out = run_comparison(
+            strategies,
+            evals,
+            cfg=ecfg,
+            top_k=cfg.retrieval.top_k,
+            retrievers=retrievers,
+            load_model=_model_loader(cfg),
+            pools=pools,
+            nli=build_scorer(ecfg),
+        )
+    finally:
+        for rcfg in owned:
+            _stop_quietly(rcfg)
+
+    training = _training(run_dir, [v for v in TRAINABLE if v in ckpts])
+    if joint is not None and joint.training:
+        training["joint"] = joint.training
+    steps = {n: s.get("steps") for n, s in training.items()}
+    notes = []
+    if len(set(steps.values())) > 1:
+        notes.append(f"rows were trained for different numbers of steps: {steps}")
+    setup = {
+        "questions": len(evals),
+        "eval_file": cfg.data.eval,
+        "train_file": cfg.data.train,
+        "base_model": _base_description(cfg),
+        "top_k": cfg.retrieval.top_k,
+        "max_new_tokens": ecfg.max_new_tokens,
+        "max_prompt_len": ecfg.max_prompt_len,
+        "index_snapshot": cfg.index.snapshot,
+        "distractor_source": ecfg.distractor_source,
+        "nli_model": ecfg.nli_model,
+        "latency_samples": ecfg.latency_samples,
+        "steps": steps,
+    }
+    if joint is not None:
+        setup["joint"] = {
+            "run": joint.run_dir,
+            "checkpoint": joint.checkpoint,
+            "snapshot": joint.snapshot,
+            "encoder": joint.encoder.name,
+        }
+    extra = {
+        "strategies": out["strategies"],
+        "setup": setup,
+        "retrieval": out["retrieval"],
+        "latency_samples": out["latency_samples"],
+        "training": training,
+        "notes": notes,
+        "index_snapshot": cfg.index.snapshot,
+        "eval_file": cfg.data.eval,
+    }
+    _write_predictions(run_dir, out["predictions"])
+    report = clean({"results": out["results"], **extra})
+    plots = write_plots(report, run_dir / "plots") if ecfg.plots else []
+    report["plots"] = [str(p.relative_to(run_dir)) for p in plots]
+    report = write_report(run_dir, report.pop("results"), report)
+    wandb_dir = _log(cfg, report, plots)
+    if wandb_dir:
+        log.info("wandb run files: %s", wandb_dir)
+    labels = {n: s["label"] for n, s in out["strategies"].items()}
+    print("\n" + table(report["results"], labels) + "\n", flush=True)
     print(f"report: {run_dir / 'report.md'}", flush=True)
     return report
+
+
+def _joint_retriever(cfg: DictConfig, joint: Any, owned: list[Any]) -> Any:
+    """Serve the joint run's snapshot under its own service name, queried with its own encoder."""
+    from ragdist.embed import build_embedder
+    from ragdist.eval.compare import ServiceRetriever
+    from ragdist.index.snapshot import read_manifest
+    from ragdist.recipes.common import check_embedder_matches
+    from ragdist.retrieval.client import start_service
+
+    encoder = build_embedder(joint.encoder)
+    manifest = read_manifest(joint.snapshot)
+    check_embedder_matches(manifest, encoder)
+    if manifest.get("embedder") and manifest["embedder"] != encoder.name:
+        log.warning(
+            "joint snapshot was embedded by %s but queries use %s", manifest["embedder"], encoder.name
+        )
+    rcfg = dataclasses.replace(as_object(cfg.retrieval), service_name=f"{cfg.retrieval.service_name}-joint")
+    start_service(joint.snapshot, rcfg)
+    owned.append(rcfg)
+    return ServiceRetriever(rcfg, encoder)
+
+
+def _stop_quietly(rcfg: Any) -> None:
+    """Stop a service we started without hiding the error that got us here (a dead Ray node would
+    otherwise replace a clear RetrievalError with a Ray traceback)."""
+    from ragdist.retrieval.client import stop_service
+
+    try:
+        stop_service(rcfg)
+    except Exception as e:  # cleanup must not mask the original outcome
+        log.warning("could not stop retrieval service %r: %s", rcfg.service_name, str(e).splitlines()[0])
+
+
+def _from_run(cfg: DictConfig) -> tuple[DictConfig, dict[str, str]]:
+    """The finished run's own config (same data, model, top-k), with this command's eval and logger."""
+    prev = Path(cfg.eval.run_dir)
+    if not (prev / "resolved.yaml").is_file():
+        raise ConfigError(f"eval.run_dir={str(prev)!r}: not a ragdist-train run (no resolved.yaml)")
+    saved = load_resolved(prev / "resolved.yaml")
+    saved.eval = cfg.eval
+    saved.logger = cfg.logger
+    saved.run_dir = str(prev)
+    saved.retrieval.address = cfg.retrieval.address
+    saved.retrieval.service_name = cfg.retrieval.service_name
+    ckpts = {v: str(prev / "checkpoints" / v) for v in saved.trainer.variants}
+    return saved, {
+        v: p for v, p in ckpts.items() if (Path(p) / "config.json").is_file() or not cfg.eval.compare
+    }
+
+
+def _needed(strategies: list[str]) -> list[str]:
+    need = []
+    if "rag" in strategies:
+        need.append("rag")
+    if "closed_book" in strategies or "closed_book_rag" in strategies:
+        need.append("closed_book")
+    return need
+
+
+def train_missing(cfg: DictConfig, missing: list[str]) -> dict[str, str]:
+    """Train the rows that have no checkpoint with the training recipe (same data, model, steps)."""
+    from ragdist.recipes.finetune import spawn_ranks
+
+    had = [
+        v
+        for v in cfg.trainer.variants
+        if v not in missing and (Path(cfg.run_dir) / "checkpoints" / v).is_dir()
+    ]
+    cfg.trainer.variants = list(missing)
+    log.info("compare: training %s (%d steps each)", missing, cfg.trainer.max_steps)
+    spawn_ranks(cfg)
+    # Record every variant the run now holds, so `eval.run_dir=<this run>` finds them all.
+    cfg.trainer.variants = [v for v in TRAINABLE if v in had or v in missing]
+    dump_config(cfg, Path(cfg.run_dir) / "resolved.yaml")
+    return {v: str(Path(cfg.run_dir) / "checkpoints" / v) for v in missing}
 
 
 @cli
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ragdist.embed import build_embedder
-    from ragdist.retrieval.client import start_service, stop_service
-    from ragdist.recipes.common import build_or_reuse_index, resolve_data_paths
+    from ragdist.index.snapshot import read_manifest
+    from ragdist.recipes.common import build_or_reuse_index, check_embedder_matches, resolve_data_paths
+    from ragdist.retrieval.client import start_service
+    from ragdist.train.model import load_tokenizer
 
     setup_logging()
+    base = True
     if cfg.eval.run_dir:
-        prev = Path(cfg.eval.run_dir)
-        if not (prev / "resolved.yaml").is_file():
-            raise ConfigError(f"eval.run_dir={str(prev)!r}: not a ragdist-train run (no resolved.yaml)")
-        saved = load_resolved(prev / "resolved.yaml")
-        saved.eval = cfg.eval
-        saved.run_dir = str(prev)
-        saved.retrieval.address = cfg.retrieval.address
-        cfg = saved
-        ckpts = {v: str(prev / "checkpoints" / v) for v in cfg.trainer.variants}
+        cfg, ckpts = _from_run(cfg)
     elif cfg.eval.checkpoint:
         ckpts = {"rag": cfg.eval.checkpoint, "closed_book": cfg.eval.checkpoint}
+        # Without the model it started from, a lone checkpoint has no base row.
+        base = bool(cfg.model.name_or_path)
+    elif cfg.eval.compare:
+        ckpts = {}
     else:
-        raise ConfigError("set eval.run_dir=<a ragdist-train run> or eval.checkpoint=<a model dir>")
+        raise ConfigError(
+            "set eval.compare=true (train and compare), eval.run_dir=<a ragdist-train run> or eval.checkpoint=<a model dir>"
+        )
+    missing = [v for v in _needed(list(cfg.eval.strategies)) if v not in ckpts] if cfg.eval.compare else []
     for name, path in ckpts.items():
         if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"checkpoint for {name!r} not found: {path}")
+            raise ConfigError(f"checkpoint for {name!r} not found: {path} (eval.compare=true trains it)")
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     resolve_data_paths(cfg)
+    # Bad QA files, overlapping train/eval questions, a missing model or an incomplete joint run
+    # fail before anything expensive.
+    load_qa_splits(cfg)
+    if cfg.eval.joint_run and "joint" in cfg.eval.strategies:
+        from ragdist.eval.compare import resolve_joint
+
+        resolve_joint(as_object(cfg.eval), as_object(cfg.embedder))
+    if missing or base:
+        load_tokenizer(as_object(cfg.model))
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
+    check_embedder_matches(read_manifest(snapshot), embedder)
     cfg.index.snapshot = str(snapshot)
-    start_service(str(snapshot), as_object(cfg.retrieval))
+    rcfg = as_object(cfg.retrieval)
+    start_service(str(snapshot), rcfg)
+    # Training ranks spawned below attach to this cluster instead of starting their own.
+    cfg.retrieval.address = os.environ.get("RAY_ADDRESS", cfg.retrieval.address)
     try:
-        return evaluate_checkpoints(cfg, ckpts, embedder)
+        if missing:
+            ckpts.update(train_missing(cfg, missing))
+        return evaluate_checkpoints(cfg, ckpts, embedder, base=base)
     finally:
-        stop_service(as_object(cfg.retrieval))
+        _stop_quietly(rcfg)
 
 
 register_configs()
