@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# ragdist-train under the DeepSpeed launcher: one rank per GPU (per CPU process on a CPU machine).
+# Arguments are ragdist-train's Hydra overrides. Rank 0 prepares data, index and retrieval service;
+# every rank trains; rank 0 evaluates. Only rank 0 prints; rank N logs to <run dir>/logs/rank-N.log.
+#
+# One node:
+#   launch/deepspeed.sh +experiment=tiny hydra.run.dir=runs/ds-tiny
+#   NPROC=8 launch/deepspeed.sh hydra.run.dir=runs/exp1 trainer.zero_stage=3
+# Several nodes, started from the first one over ssh (pdsh; passwordless ssh to every host; a shared
+# filesystem for the repo, run dir and index; a Ray cluster for the service, RAY_ADDRESS exported —
+# see docs/cluster.md). A hostfile line per node: `node1 slots=8`.
+#   HOSTFILE=hostfile MASTER_ADDR=node1 launch/deepspeed.sh hydra.run.dir=/shared/runs/exp1 ...
+# Several nodes without ssh: the same command on every node, each with its NODE_RANK:
+#   HOSTFILE=hostfile MASTER_ADDR=node1 NODE_RANK=0 launch/deepspeed.sh hydra.run.dir=/shared/runs/exp1
+#
+# Env: NPROC ranks per node (default: the GPU count, or 2 on CPU), MASTER_PORT (default: a free one),
+#      HOSTFILE, MASTER_ADDR, NODE_RANK, PYTHON, RUN_DIR (when no hydra.run.dir= is given).
+# The command it runs (printed first) is the plain DeepSpeed one:
+#   deepspeed --num_gpus N --master_port P --module ragdist.launch.rank <overrides>
+set -euo pipefail
+LAUNCHER=deepspeed
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$RAGDIST_HOME"
+with_run_dir "$@"
+
+if [ "$RAGDIST_GPUS" -gt 0 ]; then NPROC=${NPROC:-$RAGDIST_GPUS}; else NPROC=${NPROC:-2}; fi
+cmd=("$PYBIN/deepspeed")
+if [ -n "${HOSTFILE:-}" ]; then
+  : "${MASTER_ADDR:?set MASTER_ADDR to the first host of $HOSTFILE}"
+  cmd+=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+  # A fixed port: every node must agree on it, and a free port here says nothing about the others.
+  if [ -n "${NODE_RANK:-}" ]; then cmd+=(--no_ssh --node_rank "$NODE_RANK"); fi
+  cmd+=(--num_gpus "$NPROC")
+else
+  cmd+=(--num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-$(free_port)}")
+fi
+# DeepSpeed appends --local_rank=N to each rank's arguments; ragdist's entry point takes it off
+# before Hydra reads the overrides.
+cmd+=(--module ragdist.launch.rank "${RUN_ARGS[@]}")
+echo "+ ${cmd[*]}" >&2
+exec "${cmd[@]}"
