@@ -7,8 +7,11 @@ PYTEST_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ragdist/torch_extensions
 export WANDB_MODE ?= offline
+# The venv's tools first for every process a target starts (ranks, Ray workers, SLURM jobs): with a
+# second `ninja` ahead of the venv's, DeepSpeed rebuilds its C++ ops whenever the two alternate.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo compare lint bench clean
 
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +30,12 @@ test: install
 demo: install
 	$(BIN)/ragdist-index +experiment=demo
 	$(BIN)/ragdist-train +experiment=demo hydra.run.dir=runs/demo
+
+# The comparison (fine-tune only / RAG at inference / RAG fine-tuned): trains what is missing, then
+# writes runs/compare/report.{md,json}, plots/*.png and an offline wandb run.
+COMPARE_ARGS ?= +experiment=demo
+compare: install
+	$(BIN)/ragdist-eval $(COMPARE_ARGS) eval.compare=true logger=wandb hydra.run.dir=runs/compare
 
 lint: install
 	$(BIN)/ruff check ragdist tests bench

@@ -17,9 +17,11 @@ from ragdist.data.qa import DataConfig
 from ragdist.embed.embedder import EmbedderConfig
 from ragdist.eval.runner import EvalConfig
 from ragdist.index.builder import IndexConfig
+from ragdist.joint.loop import JointConfig
 from ragdist.retrieval.client import RetrievalConfig
 from ragdist.train.engine import TrainerConfig
 from ragdist.train.model import ModelConfig
+from ragdist.train.peft import PeftConfig
 from ragdist.utils.logger import LoggerConfig
 
 GROUPS: dict[str, type] = {
@@ -30,8 +32,10 @@ GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "trainer": TrainerConfig,
+    "peft": PeftConfig,
     "eval": EvalConfig,
     "logger": LoggerConfig,
+    "joint": JointConfig,
 }
 
 
@@ -44,8 +48,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     run_dir: str = "runs/default"
     seed: int = 0
 

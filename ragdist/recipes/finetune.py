@@ -1,20 +1,21 @@
 """ragdist-train: start (or attach to) the retrieval service, fine-tune every variant, evaluate.
 
-    ragdist-train                                   # spawns trainer.nproc ranks with torchrun
+    ragdist-train                                   # spawns trainer.nproc ranks on this node
     ragdist-train retrieval.top_k=5 trainer.zero_stage=3 index.num_shards=4
+    ragdist-train trainer=fsdp peft=lora trainer.save_every=100 trainer.resume=auto hydra.run.dir=runs/x
     deepspeed --num_gpus 2 --no_local_rank -m ragdist.recipes.finetune ...   # under a launcher
     torchrun --nproc_per_node 2 -m ragdist.recipes.finetune ...
 
 Without a launcher this process is the driver: it prepares data, index and service, spawns the
 ranks, and evaluates when they finish. Under a launcher, rank 0 does the driver's work and every
-rank trains.
+rank trains. On SIGTERM / SIGUSR1 the ranks checkpoint at the next step boundary and everything
+exits with status 75 (REQUEUE_EXIT_CODE); `trainer.resume=auto` with the same run dir continues.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ def prepare(cfg: DictConfig) -> Any:
     """Data, index snapshot and a running service; returns the query embedder."""
     from ragdist.embed import build_embedder
     from ragdist.retrieval.client import start_service
-
     from ragdist.train.model import load_tokenizer
 
     resolve_data_paths(cfg)
@@ -52,74 +52,114 @@ def prepare(cfg: DictConfig) -> Any:
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
     check_embedder_matches(read_manifest(snapshot), embedder)
-    cfg.index.snapshot = str(snapshot)
+    cfg.index.snapshot = str(Path(snapshot).resolve())
     if any(v != "closed_book" for v in cfg.trainer.variants):
-        start_service(str(snapshot), as_object(cfg.retrieval))
+        start_service(cfg.index.snapshot, as_object(cfg.retrieval))
         cfg.retrieval.address = os.environ["RAY_ADDRESS"]
     return embedder
 
 
 def train_all(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Every rank: train each variant in turn. Assumes the process group is up."""
+    """Every rank: train each variant in turn. Assumes the process group is up.
+
+    Raises `Preempted` after a preemption signal, once the running variant has checkpointed.
+    """
     import torch
 
     from ragdist.embed import build_embedder
     from ragdist.retrieval.client import RetrievalClient
+    from ragdist.train.examples import PassageStore
     from ragdist.train.loop import train_variant
     from ragdist.train.model import load_tokenizer
+    from ragdist.train.preempt import Preempted, PreemptionHandler
     from ragdist.utils.logger import RunLogger
 
     rank = rdist.rank()
     torch.set_num_threads(max(1, cfg.trainer.omp_threads))
+    for variant in cfg.trainer.variants:
+        if variant not in ("rag", "closed_book"):
+            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
     tokenizer = load_tokenizer(as_object(cfg.model))
     train, _ = load_qa_splits(cfg)
-    retrieve = None
+    trainer = as_object(cfg.trainer)
+    client = store = None
     if any(v != "closed_book" for v in cfg.trainer.variants):
         emb_cfg = as_object(cfg.embedder)
         emb_cfg.progress = False
         client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
-        retrieve = client.retrieve
+        fmt = trainer.examples
+        if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
+            store = PassageStore.from_snapshot(cfg.index.snapshot)
     logger = RunLogger(as_object(cfg.logger), cfg.run_dir, enabled=rank == 0, config=None)
     out = []
-    for variant in cfg.trainer.variants:
-        if variant not in ("rag", "closed_book"):
-            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
-        out.append(
-            train_variant(
-                variant,
-                train,
-                trainer=as_object(cfg.trainer),
-                model_cfg=as_object(cfg.model),
-                tokenizer=tokenizer,
-                top_k=cfg.retrieval.top_k if variant == "rag" else 0,
-                retrieve=retrieve,
-                run_dir=cfg.run_dir,
-                logger=logger,
+    with PreemptionHandler() as preempt:
+        for variant in cfg.trainer.variants:
+            if preempt.requested:  # between variants: the finished ones are saved, nothing else to keep
+                raise Preempted(None, 0)
+            rag = variant == "rag"
+            if rag and cfg.joint.loss != "none":  # the retriever trains too: ragdist/joint/loop.py
+                from ragdist.joint.loop import train_joint_from_config
+
+                out.append(train_joint_from_config(cfg, train, tokenizer, logger))
+                continue
+            out.append(
+                train_variant(
+                    variant,
+                    train,
+                    trainer=trainer,
+                    model_cfg=as_object(cfg.model),
+                    tokenizer=tokenizer,
+                    top_k=cfg.retrieval.top_k if rag else 0,
+                    retrieve=client.retrieve if (rag and client) else None,
+                    run_dir=cfg.run_dir,
+                    logger=logger,
+                    peft_cfg=as_object(cfg.peft),
+                    store=store if rag else None,
+                    index_version=(lambda: client.version) if (rag and client) else None,
+                    stop_requested=lambda: preempt.requested,
+                )
             )
-        )
     logger.finish()
     return out
 
 
 def spawn_ranks(cfg: DictConfig) -> None:
-    """Run trainer.nproc ranks of `train_worker` with torchrun on this node, on loopback."""
+    """Run trainer.nproc ranks of `train_worker` on this node, on loopback.
+
+    The ranks are this process's children (not torchrun's), so a preemption signal reaching this
+    driver goes straight to them; after they checkpoint it exits with REQUEUE_EXIT_CODE too.
+    """
+    from ragdist.train.preempt import REQUEUE_EXIT_CODE
+
     run_dir = Path(cfg.run_dir)
     cfg_path = run_dir / "resolved.yaml"
     dump_config(cfg, cfg_path)
-    port = cfg.trainer.master_port or rdist.free_port()
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(cfg.trainer.nproc),
-        "--nnodes", "1",
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(port),
-        "-m", "ragdist.recipes.train_worker", str(cfg_path),
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "ragdist.recipes.train_worker", str(cfg_path)]
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.trainer.omp_threads), PYTHONUNBUFFERED="1")
-    log.info("train: %d ranks (%s, ZeRO-%d)", cfg.trainer.nproc, cfg.trainer.engine, cfg.trainer.zero_stage)
-    rc = subprocess.run(cmd, env=env).returncode
+    engine = cfg.trainer.engine + (f", ZeRO-{cfg.trainer.zero_stage}" if cfg.trainer.engine == "deepspeed" else "")
+    log.info("train: %d ranks (%s)", cfg.trainer.nproc, engine)
+    rc = rdist.launch_local(cmd, cfg.trainer.nproc, env=env, master_port=cfg.trainer.master_port)
+    if rc == REQUEUE_EXIT_CODE:
+        log.warning("train: preempted; the ranks checkpointed under %s/train_state — rerun with "
+                    "trainer.resume=auto to continue", run_dir)
+        sys.exit(REQUEUE_EXIT_CODE)
     if rc != 0:
         raise RagdistError(f"training ranks failed (exit status {rc}); see the log above")
+
+
+def pin_resumed_index(cfg: DictConfig) -> None:
+    """Resuming: serve the index snapshot the checkpoint was trained against, if it still exists."""
+    from ragdist.train import checkpoint as ckpt
+
+    if not cfg.trainer.resume or cfg.index.snapshot or "rag" not in cfg.trainer.variants:
+        return
+    found = ckpt.find_checkpoint(cfg.trainer.resume, Path(cfg.run_dir) / "train_state" / "rag")
+    if found is None:
+        return
+    version = ckpt.read_state(found).get("index_version")
+    if version and (Path(cfg.index.root) / version).is_dir():
+        cfg.index.snapshot = str(Path(cfg.index.root) / version)
+        log.info("resume: serving index version %s, as at %s", version, found)
 
 
 def evaluate_and_report(cfg: DictConfig, embedder: Any) -> dict[str, Any]:
@@ -140,10 +180,14 @@ def stop_owned_service(cfg: DictConfig) -> None:
 
 @cli
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    rdist.from_slurm_env()
+    # srun with several tasks: each task is a rank. A one-task step (a submitit sweep job) stays the driver.
+    from ragdist.launch.slurm import adopt_slurm_ranks
+
+    adopt_slurm_ranks()
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     if not rdist.launched_by_launcher():
         setup_logging()
+        pin_resumed_index(cfg)
         embedder = prepare(cfg)
         try:
             spawn_ranks(cfg)
@@ -153,12 +197,15 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     # Under a launcher: rank 0 prepares and shares the prepared config; all ranks train.
     import torch.distributed as dist
 
+    from ragdist.train.preempt import REQUEUE_EXIT_CODE, Preempted
+
     rank, _ = rdist.init_process_group()
     setup_logging(rank)
     shared: list[Any] = [None]
     embedder = None
     if rank == 0:
         try:
+            pin_resumed_index(cfg)
             embedder = prepare(cfg)
             shared[0] = json.dumps({"ok": True, "cfg": _plain(cfg)})
         except RagdistError as e:
@@ -169,7 +216,15 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         raise RagdistError(msg["error"])
     cfg = _typed(msg["cfg"])
     try:
-        train_all(cfg)
+        try:
+            train_all(cfg)
+        except Preempted as e:
+            log.warning("rank %d: %s; exiting with %d for a requeue", rank, e, REQUEUE_EXIT_CODE)
+            preempted = True
+        else:
+            preempted = False
+        if preempted:
+            sys.exit(REQUEUE_EXIT_CODE)  # the finally below still tears down cleanly
         report = evaluate_and_report(cfg, embedder) if rank == 0 else None
         dist.barrier()
         return report
@@ -200,7 +255,7 @@ def _typed(d: dict[str, Any]) -> DictConfig:
 
 def _strip_launcher_args() -> None:
     # The deepspeed launcher appends --local_rank=N, which Hydra would reject as an override.
-    for i, a in enumerate(list(sys.argv)):
+    for a in list(sys.argv):
         if a.startswith("--local_rank") or a.startswith("--local-rank"):
             value = a.split("=", 1)[1] if "=" in a else None
             if value is not None:

@@ -1,4 +1,7 @@
-"""One training rank spawned by ragdist-train: `python -m ragdist.recipes.train_worker RESOLVED.yaml`."""
+"""One training rank spawned by ragdist-train: `python -m ragdist.recipes.train_worker RESOLVED.yaml`.
+
+Exit status: 0 done, 2 bad input, 75 (REQUEUE_EXIT_CODE) preempted after a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m ragdist.recipes.train_worker RESOLVED_CONFIG.yaml", file=sys.stderr)
         return 2
+    from ragdist.train.preempt import REQUEUE_EXIT_CODE, Preempted
+
     cfg = load_resolved(argv[0])
     rank, _ = rdist.init_process_group()
     setup_logging(rank)
     try:
         train_all(cfg)
+    except Preempted as e:
+        print(f"ragdist: rank {rank}: {e}", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE
     except RagdistError as e:
         print(f"ragdist: error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
