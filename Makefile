@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 # second `ninja` ahead of the venv's, DeepSpeed rebuilds its C++ ops whenever the two alternate.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test demo compare lint bench clean
+.PHONY: install test demo joint-demo compare lint bench clean
 
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: install
 demo: install
 	$(BIN)/ragdist-index +experiment=demo
 	$(BIN)/ragdist-train +experiment=demo hydra.run.dir=runs/demo
+
+# Joint retriever training with each loss, from the demo's generator (run `make demo` first), then
+# one table of recall@k before → after.
+JOINT_LOSSES ?= rag_nll emdr2 lsr pdist
+joint-demo: install
+	test -d runs/demo/checkpoints/rag || { echo "run 'make demo' first: runs/demo/checkpoints/rag is missing" >&2; exit 2; }
+	for loss in $(JOINT_LOSSES); do $(BIN)/ragdist-train +experiment=demo_joint joint=$$loss hydra.run.dir=runs/joint-$$loss || exit 1; done
+	$(BIN)/ragdist-train +experiment=demo_joint joint=lsr joint.side=both joint.refresh_every=20 hydra.run.dir=runs/joint-lsr-both
+	$(BIN)/python -m ragdist.joint.report $(foreach l,$(JOINT_LOSSES),runs/joint-$(l)) runs/joint-lsr-both
 
 # The comparison (fine-tune only / RAG at inference / RAG fine-tuned): trains what is missing, then
 # writes runs/compare/report.{md,json}, plots/*.png and an offline wandb run.

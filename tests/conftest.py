@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,9 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 900, cwd
     import subprocess
 
     exe = Path(sys.executable).parent / args[0]
+    if args[0].startswith("ragdist-") and not any(a.startswith(("hydra.run.dir=", "-m", "--")) for a in args[1:]):
+        # Hydra would otherwise make a dated run dir under the repo's runs/, even for a run refused at once
+        args = [*args, f"hydra.run.dir={tempfile.mkdtemp(prefix='ragdist-cli-')}"]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
         [str(exe), *args[1:]], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout

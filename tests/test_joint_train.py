@@ -55,5 +55,8 @@ def test_joint_side_both_refreshes_without_stopping(ray_cluster, tmp_path):
     report = json.loads((run / "joint_report.json").read_text())
     assert {"recall@1", "recall@3", "recall@5"} <= set(report["recall_before"]) and report["recall_after"]["questions"] == 40
     assert (run / "report.json").is_file()  # the evaluation ran after joint training
+    # ... and its report carries the retriever's recall before → after
+    assert json.loads((run / "report.json").read_text())["joint_retriever"]["this run"]["loss"] == report["loss"]
+    assert "## Joint retriever training" in (run / "report.md").read_text()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/joint/staleness" in m for m in metrics)

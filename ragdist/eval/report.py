@@ -183,6 +183,13 @@ def markdown(report: dict[str, Any]) -> str:
     nli = _nli_section(results, labels, setup.get("nli_model", ""))
     if nli:
         md += ["## Faithfulness, model-based", "", *nli, ""]
+    joint = report.get("joint_retriever") or {}
+    if joint:
+        from ragdist.joint.report import recall_table
+
+        md += ["## Joint retriever training", "",
+               "Retrieval on the eval questions, in %: the query encoder (and index) as joint training started → as it ended.",
+               "", recall_table(list(joint.items())), ""]  # fmt: skip
     training = report.get("training") or {}
     if training:
         md += ["## Training", ""]

@@ -206,7 +206,14 @@ def evaluate_checkpoints(
             "snapshot": joint.snapshot,
             "encoder": joint.encoder.name,
         }
+    joint_runs = [("this run", run_dir)] + ([("joint run", Path(joint.run_dir))] if joint is not None else [])
+    joint_retriever = {
+        name: json.loads((d / "joint_report.json").read_text())
+        for name, d in joint_runs
+        if (d / "joint_report.json").is_file()
+    }
     extra = {
+        "joint_retriever": joint_retriever,
         "strategies": out["strategies"],
         "setup": setup,
         "retrieval": out["retrieval"],
