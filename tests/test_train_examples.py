@@ -23,7 +23,7 @@ from ragdist.train.examples import (
 )
 from ragdist.train.loop import positions
 from ragdist.train.model import IGNORE, ModelConfig, build_generator, load_tokenizer
-from ragdist.train.prefetch import Prefetcher
+from ragdist.train.prefetch import Lookahead, Prefetcher
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +172,15 @@ def test_prefetch_never_changes_the_batches(live, tok):
     assert store.get(train[0].gold_ids[0]) is not None
     fmt = ExamplesConfig(distractor_p=0.4, distractor_source="random", inject_gold_p=0.5, shuffle_passages=True)
 
-    def batches(depth: int, rank: int) -> list:
-        # a fresh client each time: no cache shared between the two runs
+    def batches(depth: int, rank: int, window: int = 1) -> list:
+        # a fresh client each time: no cache shared between the runs
         client = RetrievalClient(cfg, embedder=embedder)
-        b = ExampleBuilder(tok, fmt, top_k=3, max_len=128, retrieve=client.retrieve, store=store, seed=7)
         stream = positions(len(train), rank, 2, 4, seed=7, epoch=0, index=0)
+        retrieve = client.retrieve
+        if window > 1:
+            retrieve = Lookahead(client.retrieve, stream, lambda p: [train[i].question for i in p.ids], window)
+            stream = retrieve.positions()
+        b = ExampleBuilder(tok, fmt, top_k=3, max_len=128, retrieve=retrieve, store=store, seed=7)
         out = []
         with Prefetcher(lambda p: b.build(train, p.ids, p.epoch), stream, depth) as pf:
             for batch, _ in pf:
@@ -186,13 +190,37 @@ def test_prefetch_never_changes_the_batches(live, tok):
         return out
 
     for rank in (0, 1):
-        inline, ahead = batches(0, rank), batches(3, rank)
-        assert [b.passage_ids for b in inline] == [b.passage_ids for b in ahead]
-        assert [b.example_ids for b in inline] == [b.example_ids for b in ahead]
-        for x, y in zip(inline, ahead):
-            for k in x.tensors:
-                assert torch.equal(x.tensors[k], y.tensors[k])
+        inline = batches(0, rank)
+        for depth, window in ((3, 1), (3, 8), (0, 8)):
+            ahead = batches(depth, rank, window)
+            assert [b.passage_ids for b in inline] == [b.passage_ids for b in ahead]
+            assert [b.example_ids for b in inline] == [b.example_ids for b in ahead]
+            for x, y in zip(inline, ahead):
+                for k in x.tensors:
+                    assert torch.equal(x.tensors[k], y.tensors[k])
     assert any(len(ids) == 3 for b in inline for ids in b.passage_ids)
+
+
+def test_lookahead_retrieves_upcoming_batches_in_one_call():
+    seen = []
+
+    def retrieve(questions, k):
+        seen.append((list(questions), k))
+        return [[{"id": f"{q}@{k}"}] for q in questions]
+
+    pos = [["a", "b"], ["c", "a"], ["d", "e"], ["f", "g"], ["h", "i"]]
+    la = Lookahead(retrieve, iter(range(len(pos))), lambda p: pos[p], window=3)
+    walked = []
+    for p in la.positions():
+        walked.append(p)
+        assert la(pos[p], 2) == [[{"id": f"{q}@2"}] for q in pos[p]]
+    assert walked == list(range(len(pos)))  # every position, once, in order
+    # positions 0-2 in one call (a repeated question fetched once), then 3-4
+    assert seen == [(["a", "b", "c", "d", "e"], 2), (["f", "g", "h", "i"], 2)]
+    la2 = Lookahead(retrieve, iter([0]), lambda p: pos[p], window=4)
+    assert list(la2.positions()) == [0] and la2(["x"], 5) == [[{"id": "x@5"}]]  # a k not fetched yet: fetched
+    with pytest.raises(ValueError, match="window"):
+        Lookahead(retrieve, iter([]), lambda p: [], window=0)
 
 
 def test_prefetch_hides_retrieval_behind_compute(live, tok):

@@ -53,6 +53,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept per variant
     resume: str = ""  # "" = start fresh | auto = newest checkpoint of this run_dir if any | a path
     prefetch_depth: int = 2  # batches each rank retrieves ahead in a background thread; 0 = inline
+    retrieval_lookahead: int = 8  # questions of this many upcoming batches retrieved in one call; 1 = per batch
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
 
 
@@ -117,7 +118,7 @@ def check_trainer_config(cfg: TrainerConfig) -> None:
         raise ConfigError(f"trainer.engine={cfg.engine!r}: expected 'deepspeed' or 'fsdp'")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"trainer.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
-    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+    for key in ("micro_batch_size", "grad_accum", "max_steps", "retrieval_lookahead"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(cfg, key)}: must be at least 1")
     for key in ("save_every", "prefetch_depth", "warmup_steps"):

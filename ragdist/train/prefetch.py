@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -99,3 +100,59 @@ class Prefetcher(Generic[P, T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Lookahead(Generic[P]):
+    """Retrieval for several upcoming batches in one call.
+
+    `positions` is re-yielded unchanged (hand `lookahead.positions()` to the Prefetcher); when a
+    batch asks `retrieve(questions, k)` for questions not fetched yet, the questions of the next
+    `window` positions are retrieved with them in one call (one embedding batch, one fan-out) and
+    served from memory as their batches are built. Exact search gives every question the same
+    passages in any batch, so this changes how often the service is called, never what a batch
+    holds. The price: a batch may be served by the index version of up to `window` batches earlier.
+    Single-threaded by design: the Prefetcher's producer both walks the positions and builds.
+    """
+
+    def __init__(
+        self,
+        retrieve: Callable[[list[str], int], list[list[dict]]],
+        positions: Iterable[P],
+        questions_of: Callable[[P], list[str]],
+        window: int,
+    ):
+        if window < 1:
+            raise ValueError(f"lookahead window must be at least 1, got {window}")
+        self._retrieve, self._questions_of, self.window = retrieve, questions_of, window
+        self._it = iter(positions)
+        self._ahead: deque[P] = deque()
+        self._memo: dict[tuple[str, int], list[dict]] = {}
+        self.calls = 0
+
+    def positions(self) -> Iterator[P]:
+        while True:
+            if self._ahead:
+                yield self._ahead.popleft()
+                continue
+            try:
+                yield next(self._it)
+            except StopIteration:
+                return
+
+    def _peek(self, n: int) -> list[P]:
+        while len(self._ahead) < n:
+            try:
+                self._ahead.append(next(self._it))
+            except StopIteration:
+                break
+        return list(self._ahead)[:n]
+
+    def __call__(self, questions: list[str], k: int) -> list[list[dict]]:
+        if any((q, k) not in self._memo for q in questions):
+            wanted = list(dict.fromkeys(questions))
+            if self.window > 1:
+                for p in self._peek(self.window - 1):
+                    wanted.extend(q for q in self._questions_of(p) if q not in wanted)
+            self._memo = dict(zip(((q, k) for q in wanted), self._retrieve(wanted, k)))
+            self.calls += 1
+        return [self._memo[(q, k)] for q in questions]
