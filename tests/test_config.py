@@ -4,8 +4,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from ragdist.errors import ConfigError
 from ragdist.config import GROUPS, RunConfig, as_object, compose, conf_dir
+from ragdist.errors import ConfigError
 
 
 def group_options():

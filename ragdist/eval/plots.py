@@ -72,12 +72,16 @@ def em_vs_topk(report: dict[str, Any], path: Path) -> Path | None:
         values += ys
     values += _closed_book_lines(ax, results, labels)
     _em_axis(ax, values)
-    ax.set_xlabel("passages in the prompt (top-k)")
-    ax.set_ylabel("exact match (%)")
-    ax.set_title("EM vs top-k")
+    _label(ax, "EM vs top-k", "passages in the prompt (top-k)", "exact match (%)")
+    return _save(fig, path)
+
+
+def _label(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
 
 
 def recall_at_k(report: dict[str, Any], path: Path) -> Path | None:
@@ -97,12 +101,8 @@ def recall_at_k(report: dict[str, Any], path: Path) -> Path | None:
             linestyle="--",
             label=f"{name}: answer in top-k",
         )
-    ax.set_xlabel("k")
-    ax.set_ylabel("%")
     ax.set_ylim(0, 102)
-    ax.set_title("Retrieval recall@k")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "Retrieval recall@k", "k", "%")
     return _save(fig, path)
 
 
