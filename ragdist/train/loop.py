@@ -140,17 +140,8 @@ def train_variant(
     stop_requested = stop_requested or (lambda: False)
     index_version = index_version or (lambda: None)
     summarizer = make_summarizer(trainer, model_cfg, tokenizer) if top_k > 0 else None
-    # Retrieval for several upcoming batches per call (see Lookahead); created once the positions are known.
-    lookahead: Lookahead | None = None
-    batched = retrieve is not None and top_k > 0 and trainer.retrieval_lookahead > 1
-
-    def batched_retrieve(questions: list[str], k: int) -> list[list[dict[str, Any]]]:
-        assert lookahead is not None
-        return lookahead(questions, k)
-
     builder = ExampleBuilder(
-        tokenizer, trainer.examples, top_k=top_k, max_len=trainer.max_seq_len,
-        retrieve=batched_retrieve if batched else retrieve,
+        tokenizer, trainer.examples, top_k=top_k, max_len=trainer.max_seq_len, retrieve=retrieve,
         store=store, summarizer=summarizer, seed=trainer.seed,
     )  # fmt: skip
     engine = build_engine(trainer, build_module_fn(model_cfg, tokenizer, peft_cfg), run_dir)
@@ -175,9 +166,10 @@ def train_variant(
         positions(len(examples), rank, world, trainer.micro_batch_size, trainer.seed, st["epoch"], st["index"]),
         remaining,
     )
-    if batched:
+    if retrieve is not None and top_k > 0 and trainer.retrieval_lookahead > 1:
+        # the questions of several upcoming batches retrieved per call (same passages, see Lookahead)
         lookahead = Lookahead(retrieve, stream, lambda p: [examples[i].question for i in p.ids], trainer.retrieval_lookahead)
-        stream = lookahead.positions()
+        builder.retrieve, stream = lookahead, lookahead.positions()
     # A run resumed from its final checkpoint only needs the export.
     last_saved: Path | None = resumed_from if remaining == 0 else None
 

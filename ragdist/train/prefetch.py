@@ -149,10 +149,8 @@ class Lookahead(Generic[P]):
 
     def __call__(self, questions: list[str], k: int) -> list[list[dict]]:
         if any((q, k) not in self._memo for q in questions):
-            wanted = list(dict.fromkeys(questions))
-            if self.window > 1:
-                for p in self._peek(self.window - 1):
-                    wanted.extend(q for q in self._questions_of(p) if q not in wanted)
+            upcoming = [q for p in self._peek(self.window - 1) for q in self._questions_of(p)]
+            wanted = list(dict.fromkeys([*questions, *upcoming]))
             self._memo = dict(zip(((q, k) for q in wanted), self._retrieve(wanted, k)))
             self.calls += 1
         return [self._memo[(q, k)] for q in questions]
