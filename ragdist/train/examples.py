@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import string
+import threading
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +95,34 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+class TokenMemo:
+    """Token ids of recently encoded texts, so a passage that recurs (across batches, epochs, or as
+    several questions' context) costs one tokenizer call; the ids are exactly the tokenizer's.
+
+    Bounded (oldest entries go first); ids are stored as int32 arrays; safe to share between threads.
+    """
+
+    def __init__(self, tokenizer: Any, size: int = 16384):
+        self.tokenizer, self.size = tokenizer, size
+        self._memo: dict[str, array] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __call__(self, text: str) -> list[int]:
+        with self._lock:
+            hit = self._memo.get(text)
+        if hit is not None:
+            self.hits += 1
+            return hit.tolist()
+        self.misses += 1
+        ids = _ids(self.tokenizer, text)
+        with self._lock:
+            self._memo[text] = array("i", ids)
+            while len(self._memo) > self.size:
+                del self._memo[next(iter(self._memo))]
+        return ids
+
+
 def format_passages(passages: Sequence[dict[str, Any]], fmt: ExamplesConfig | None = None) -> list[str]:
     template = fmt.passage_template if fmt else PASSAGE_TEMPLATE
     return [template.format(n=n, title=p.get("title", ""), text=p["text"]) for n, p in enumerate(passages, start=1)]
@@ -104,10 +134,15 @@ def prompt_ids(
     passages: Sequence[dict[str, Any]],
     budget: int,
     fmt: ExamplesConfig | None = None,
+    ids: Callable[[str], list[int]] | None = None,
 ) -> list[int]:
-    """Passages first (truncated to fit `budget` tokens in all), then the question."""
+    """Passages first (truncated to fit `budget` tokens in all), then the question.
+
+    `ids(text)` tokenizes (default: the tokenizer itself; a `TokenMemo` gives the same ids faster).
+    """
+    ids = ids or (lambda text: _ids(tokenizer, text))
     q_template = fmt.question_template if fmt else QUESTION_TEMPLATE
-    q = _ids(tokenizer, q_template.format(question=question))
+    q = ids(q_template.format(question=question))
     room = budget - len(q)
     if room < 0:
         return q[-budget:]
@@ -115,7 +150,7 @@ def prompt_ids(
     for text in format_passages(passages, fmt):
         if room <= 0:
             break
-        piece = _ids(tokenizer, text)[:room]
+        piece = ids(text)[:room]
         ctx += piece
         room -= len(piece)
     bos = [tokenizer.cls_token_id] if getattr(tokenizer, "cls_token_id", None) is not None else []
@@ -129,12 +164,14 @@ def encode_train(
     answer: str,
     max_len: int,
     fmt: ExamplesConfig | None = None,
+    ids: Callable[[str], list[int]] | None = None,
 ) -> dict[str, list[int]]:
     """Loss only on the answer (and the end-of-answer token); the answer is never truncated away."""
+    ids = ids or (lambda text: _ids(tokenizer, text))
     frac = fmt.answer_max_frac if fmt else 0.5
-    ans = _ids(tokenizer, " " + answer) + [tokenizer.eos_token_id]
+    ans = ids(" " + answer) + [tokenizer.eos_token_id]
     ans = ans[: max(1, int(max_len * frac))]
-    prompt = prompt_ids(tokenizer, question, passages, max_len - len(ans), fmt)
+    prompt = prompt_ids(tokenizer, question, passages, max_len - len(ans), fmt, ids)
     return {"input_ids": prompt + ans, "labels": [IGNORE] * len(prompt) + ans}
 
 
@@ -330,6 +367,7 @@ class ExampleBuilder:
             )
         self.tokenizer, self.fmt, self.top_k, self.max_len = tokenizer, fmt, top_k, max_len
         self.retrieve, self.store, self.summarizer, self.seed = retrieve, store, summarizer, seed
+        self.ids = TokenMemo(tokenizer)
 
     def fetch_k(self) -> int:
         """How many ranks to retrieve: top-k, plus the lower ranks that distractors come from."""
@@ -367,18 +405,18 @@ class ExampleBuilder:
         )
 
     def encode(self, batch: Sequence[Any], chosen: list[list[dict[str, Any]]]) -> list[dict[str, list[int]]]:
-        tok, fmt, n = self.tokenizer, self.fmt, self.max_len
+        tok, fmt, n, ids = self.tokenizer, self.fmt, self.max_len, self.ids
         agg = fmt.aggregation if self.top_k > 0 else "concat"
         if agg == "concat":
-            return [encode_train(tok, ex.question, ps, ex.answers[0], n, fmt) for ex, ps in zip(batch, chosen)]
+            return [encode_train(tok, ex.question, ps, ex.answers[0], n, fmt, ids) for ex, ps in zip(batch, chosen)]
         if agg == "sequential":
             rows = []
             for ex, ps in zip(batch, chosen):
                 for p in ps or [None]:
-                    rows.append(encode_train(tok, ex.question, [p] if p else [], ex.answers[0], n, fmt))
+                    rows.append(encode_train(tok, ex.question, [p] if p else [], ex.answers[0], n, fmt, ids))
             return rows
         summaries = self.summarizer(chosen)  # type: ignore[misc]
         return [
-            encode_train(tok, ex.question, [{"title": "summary", "text": s}] if s else [], ex.answers[0], n, fmt)
+            encode_train(tok, ex.question, [{"title": "summary", "text": s}] if s else [], ex.answers[0], n, fmt, ids)
             for ex, s in zip(batch, summaries)
         ]
