@@ -46,10 +46,14 @@ def _model_cfg():
 def _trainer(args, max_steps: int):
     from ragdist.train.engine import TrainerConfig
 
-    return TrainerConfig(
+    t = TrainerConfig(
         engine="deepspeed", zero_stage=2, micro_batch_size=args.micro_batch, max_steps=max_steps,
-        warmup_steps=5, lr=1e-3, max_seq_len=args.seq_len, log_every=10**9, prefetch_depth=2, omp_threads=1,
+        warmup_steps=5, lr=1e-3, max_seq_len=args.seq_len, log_every=10**9, omp_threads=1,
     )  # fmt: skip
+    for key in ("prefetch_depth", "cpu_collectives"):
+        if getattr(args, key) is not None:
+            setattr(t, key, getattr(args, key))
+    return t
 
 
 def plain_loop(module, batches, trainer, world: int) -> tuple[list[float], list[float]]:
@@ -170,6 +174,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--prefetch-depth", type=int, default=None, help="default: the trainer's")
+    ap.add_argument("--cpu-collectives", choices=["shm", "gloo"], default=None, help="default: the trainer's")
     ap.add_argument("--rank-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_worker:
@@ -206,6 +212,7 @@ def main() -> None:
     res = json.loads((work / "result.json").read_text())
     per_mode = {m: [t for r in res["runs"] if r["mode"] == m for t in r["_times"]] for m in MODES}
     step = {m: statistics.median(ts) for m, ts in per_mode.items()}
+    mean = {m: statistics.fmean(ts) for m, ts in per_mode.items()}
     tps = {m: res["tokens_per_step"] / step[m] for m in MODES}
     cpu = {m: statistics.median(t for r in res["runs"] if r["mode"] == m for t in r["_cpus"]) for m in MODES}
     summary = {
@@ -224,6 +231,13 @@ def main() -> None:
         "tokens_per_s_plain": tps["plain"],
         "framework_ratio": tps["live"] / tps["plain"],
         "framework_ratio_precomputed": tps["precomputed"] / tps["plain"],
+        # means over the same steps: what a whole run's throughput sees (a median can hide work
+        # that lands on a few steps, such as one retrieval call for several batches)
+        "step_s_mean_live": mean["live"],
+        "step_s_mean_precomputed": mean["precomputed"],
+        "step_s_mean_plain": mean["plain"],
+        "ratio_mean": mean["live"] / mean["precomputed"],
+        "framework_ratio_mean": mean["plain"] / mean["live"],
         "step_s_live_cached": step["live_cached"],
         "ratio_cached": step["live_cached"] / step["precomputed"],
         "retrieval_wait_s_live": statistics.median(r["retrieval_wait_s"] for r in res["runs"] if r["mode"] == "live"),

@@ -94,10 +94,12 @@ def worker(out_path: str) -> None:
         if stop is not None:
             kw["stop_requested"] = stop
         t0 = time.perf_counter()
+        shm_before = _shm_calls()
         out = train_variant("rag", train, **kw)
         if rank == 0:
             print(f"[engines] {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         results[name] = {"losses": [h["loss"] for h in out["history"]], "lr": [h["lr"] for h in out["history"]]}
+        results[name]["shm_calls"] = {k: v - shm_before.get(k, 0) for k, v in _shm_calls().items()}
         return out
 
     def changed_params(name, trainer, peft):
@@ -130,6 +132,7 @@ def worker(out_path: str) -> None:
     for name, kw in [
         ("zero1", dict(zero_stage=1)),
         ("zero2", dict(zero_stage=2)),
+        ("zero2_gloo", dict(zero_stage=2, cpu_collectives="gloo")),
         ("zero3", dict(zero_stage=3)),
         ("fsdp", dict(engine="fsdp")),
         ("zero3_offload", dict(zero_stage=3, offload_optimizer=True, offload_params=True)),
@@ -185,6 +188,14 @@ def worker(out_path: str) -> None:
     rdist.shutdown()
 
 
+def _shm_calls() -> dict[str, int]:
+    """How many collectives DeepSpeed has sent through shared memory in this process so far."""
+    from ragdist.train import deepspeed_engine
+
+    shm = next(iter(deepspeed_engine._SHM.values()), None)
+    return dict(shm.calls) if shm is not None else {"all_reduce": 0, "all_gather": 0}
+
+
 @pytest.fixture(scope="module")
 def engines_run(tmp_path_factory):
     from ragdist.utils.dist import launch_local
@@ -215,6 +226,16 @@ def test_engines_agree_on_the_loss_trajectory(engines_run):
     _close(r["zero2_accum"]["losses"], ref, 1e-2)
     for name in ("zero2_bf16", "fsdp_bf16"):
         _close(r[name]["losses"], ref, BF16_RTOL)
+
+
+@pytest.mark.slow
+def test_shared_memory_collectives_change_no_bit_of_the_run(engines_run):
+    r, _ = engines_run
+    # ZeRO-2's gradient all-reduce and parameter all-gather went through shared memory, once per step
+    assert r["zero2"]["shm_calls"]["all_reduce"] >= STEPS and r["zero2"]["shm_calls"]["all_gather"] >= STEPS
+    assert r["zero2_gloo"]["shm_calls"] == {"all_reduce": 0, "all_gather": 0}
+    assert r["zero2"]["losses"] == r["zero2_gloo"]["losses"]  # bitwise: 2 ranks sum a + b either way
+    assert r["zero1"]["shm_calls"]["all_reduce"] >= STEPS
 
 
 @pytest.mark.slow

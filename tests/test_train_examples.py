@@ -17,7 +17,9 @@ from ragdist.train.examples import (
     ExamplesConfig,
     PassageStore,
     Summarizer,
+    TokenMemo,
     check_examples_config,
+    encode_train,
     prompt_ids,
     select_passages,
 )
@@ -131,6 +133,18 @@ def test_store_needed_for_gold_and_random_distractors(tok):
     with pytest.raises(ConfigError, match="PassageStore"):
         ExampleBuilder(tok, ExamplesConfig(inject_gold_p=0.5), top_k=2, max_len=64, retrieve=ranked)
     ExampleBuilder(tok, ExamplesConfig(inject_gold_p=0.5), top_k=0, max_len=64, retrieve=None)  # closed book
+
+
+def test_token_memo_gives_the_tokenizers_ids_and_stays_bounded(tok):
+    memo = TokenMemo(tok, size=4)
+    texts = [f"Passage {i}: the airport at elevation {17 * i} feet serves Ålesund." for i in range(6)]
+    for t in texts + texts[-2:]:
+        assert memo(t) == tok(t, add_special_tokens=False)["input_ids"]
+    assert (memo.misses, memo.hits) == (6, 2) and len(memo._memo) == 4
+    passages = [{"title": "t", "text": texts[0]}, {"title": "u", "text": texts[1]}]
+    plain = encode_train(tok, "Which city?", passages, "Oslo", 64)
+    assert encode_train(tok, "Which city?", passages, "Oslo", 64, ids=memo) == plain
+    assert encode_train(tok, "Which city?", passages, "Oslo", 64, ids=memo) == plain  # from the memo now
 
 
 def test_prefetcher_order_errors_and_close():

@@ -117,6 +117,7 @@ def test_deepspeed_offload_and_cpu_settings():
         (dict(grad_accum=0), "trainer.grad_accum"),
         (dict(prefetch_depth=-1), "trainer.prefetch_depth"),
         (dict(schedule="step"), "trainer.schedule"),
+        (dict(cpu_collectives="mpi"), "trainer.cpu_collectives"),
     ],
 )
 def test_trainer_config_is_checked_before_any_process_group(kw, match):

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ragdist.errors import ConfigError
-from ragdist.train.engine import TrainerConfig, lr_lambda, trainable_parameters
+from ragdist.train.engine import TrainerConfig, adamw, lr_lambda, trainable_parameters
+from ragdist.train.shm_collectives import ShmCollectives
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,71 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
 
 
 def init_distributed() -> None:
+    """The process group (unless a caller made it) and DeepSpeed's communication backend over it."""
     import deepspeed
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+    # Also when the group exists: DeepSpeed then only wraps it, and its backend object is there
+    # before the engine (the shared-memory routing below patches that object).
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+_SHM: dict[int, ShmCollectives | None] = {}
+
+
+def _shared_memory_collectives() -> ShmCollectives | None:
+    """One region per default process group and process, kept across the engines a process builds
+    (the rag and closed-book variants, an export): creating one is a collective."""
+    key = id(dist.group.WORLD)
+    if key not in _SHM:
+        _SHM.clear()
+        _SHM[key] = ShmCollectives.create()
+    return _SHM[key]
+
+
+def _route_through(shm: ShmCollectives) -> Callable[[], None] | None:
+    """DeepSpeed's blocking sum all-reduces and all-gathers over the whole world go through `shm`;
+    every other call (asynchronous, a sub-group, small, another op) takes DeepSpeed's own path.
+
+    ZeRO-1/2 all-reduce the gradients and all-gather the updated partitions once per step; on CPU
+    ranks these two collectives are most of what the engine adds to a plain data-parallel step.
+    Returns the function that restores DeepSpeed's own methods (None: nothing was routed).
+    """
+    import deepspeed.comm.comm as ds_comm
+
+    cdb = ds_comm.cdb
+    if cdb is None or not all(callable(getattr(cdb, m, None)) for m in ("all_reduce", "all_gather_into_tensor")):
+        log.warning("DeepSpeed's communication backend has no all_reduce/all_gather_into_tensor; collectives stay on gloo")
+        return None
+    own_reduce, own_gather = cdb.all_reduce, cdb.all_gather_into_tensor
+    world = list(range(dist.get_world_size()))
+
+    def whole_world(group: Any) -> bool:
+        if group is None or group is dist.group.WORLD:
+            return True
+        try:
+            return dist.get_process_group_ranks(group) == world
+        except (RuntimeError, ValueError):
+            return False
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):  # noqa: ANN001, ANN202
+        is_sum = op == dist.ReduceOp.SUM or getattr(op, "name", None) == "SUM"
+        if not async_op and is_sum and whole_world(group) and shm.all_reduce_(tensor):
+            return None
+        return own_reduce(tensor, op, group, async_op)
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):  # noqa: ANN001, ANN202
+        if not async_op and whole_world(group) and shm.all_gather_into_tensor(output_tensor, input_tensor):
+            return None
+        return own_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
+
+    # instance attributes shadow the class's methods; removing them restores DeepSpeed's own
+    cdb.all_reduce, cdb.all_gather_into_tensor = all_reduce, all_gather_into_tensor
+
+    def restore() -> None:
+        for name in ("all_reduce", "all_gather_into_tensor"):
+            cdb.__dict__.pop(name, None)
+
+    return restore
 
 
 class DeepSpeedEngine:
@@ -97,6 +158,11 @@ class DeepSpeedEngine:
         import deepspeed
 
         init_distributed()
+        self.shm: ShmCollectives | None = None
+        self._unroute: Callable[[], None] | None = None
+        if not torch.cuda.is_available() and cfg.cpu_collectives == "shm":
+            self.shm = _shared_memory_collectives()
+            self._unroute = _route_through(self.shm) if self.shm is not None else None
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)
@@ -113,7 +179,7 @@ class DeepSpeedEngine:
         if "optimizer" in ds_cfg:
             optimizer: Any = None
         else:
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+            optimizer = adamw(params, cfg)
         if "scheduler" in ds_cfg:
             scheduler: Any = None
         elif optimizer is None:
@@ -170,6 +236,9 @@ class DeepSpeedEngine:
         if self.engine is None:
             return
         self.engine.destroy()
+        if self._unroute is not None:
+            self._unroute()
+            self._unroute = None
         self.engine = self.optimizer = self.scheduler = self.module = None  # type: ignore[assignment]
         if self._hf_ds is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config

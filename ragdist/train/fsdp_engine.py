@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ragdist.errors import ConfigError
-from ragdist.train.engine import TrainerConfig, lr_lambda, trainable_parameters
+from ragdist.train.engine import TrainerConfig, adamw, lr_lambda, trainable_parameters
 from ragdist.utils import dist as rdist
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ class FSDPEngine:
         fully_shard(module, mesh=mesh, mp_policy=mp, offload_policy=offload)
         self.module = module
         self.params = trainable_parameters(module)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        )
+        self.optimizer = adamw(self.params, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.micro = 0
 
