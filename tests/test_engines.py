@@ -192,7 +192,7 @@ def _shm_calls() -> dict[str, int]:
     """How many collectives DeepSpeed has sent through shared memory in this process so far."""
     from ragdist.train import deepspeed_engine
 
-    shm = next(iter(deepspeed_engine._SHM.values()), None)
+    shm = deepspeed_engine._SHM["shm"]
     return dict(shm.calls) if shm is not None else {"all_reduce": 0, "all_gather": 0}
 
 

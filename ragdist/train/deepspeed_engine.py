@@ -94,17 +94,17 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-_SHM: dict[int, ShmCollectives | None] = {}
+_SHM: dict[str, Any] = {"world": None, "shm": None}
 
 
 def _shared_memory_collectives() -> ShmCollectives | None:
     """One region per default process group and process, kept across the engines a process builds
     (the rag and closed-book variants, an export): creating one is a collective."""
-    key = id(dist.group.WORLD)
-    if key not in _SHM:
-        _SHM.clear()
-        _SHM[key] = ShmCollectives.create()
-    return _SHM[key]
+    if _SHM["world"] is not dist.group.WORLD:  # first engine, or a new process group since
+        if _SHM["shm"] is not None:
+            _SHM["shm"].close()
+        _SHM["world"], _SHM["shm"] = dist.group.WORLD, ShmCollectives.create()
+    return _SHM["shm"]
 
 
 def _route_through(shm: ShmCollectives) -> Callable[[], None] | None:
