@@ -158,11 +158,10 @@ class DeepSpeedEngine:
         import deepspeed
 
         init_distributed()
-        self.shm: ShmCollectives | None = None
         self._unroute: Callable[[], None] | None = None
         if not torch.cuda.is_available() and cfg.cpu_collectives == "shm":
-            self.shm = _shared_memory_collectives()
-            self._unroute = _route_through(self.shm) if self.shm is not None else None
+            shm = _shared_memory_collectives()
+            self._unroute = _route_through(shm) if shm is not None else None
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)
