@@ -150,6 +150,11 @@ def test_sweep_summary_of_jobs_with_and_without_reports(tmp_path):
 def test_deepspeed_launcher(ray_cluster, tmp_path, launch_index):
     """`deepspeed --num_gpus 2` through launch/deepspeed.sh; each rank gets (and drops) --local_rank."""
     run_dir = tmp_path / "run"
+
+    def ds_shm_files() -> set[str]:
+        return {f.name for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+    before = ds_shm_files()
     proc = subprocess.run(
         [str(ROOT / "launch" / "deepspeed.sh"), *CHEAP, f"index.root={launch_index}",
          "retrieval.service_name=launch-deepspeed", f"hydra.run.dir={run_dir}"],
@@ -160,6 +165,8 @@ def test_deepspeed_launcher(ray_cluster, tmp_path, launch_index):
     check_run(run_dir)
     # rank 1 wrote to its own log, not to the console
     assert (run_dir / "logs" / "rank-1.log").stat().st_size > 0
+    # the launcher's LOCAL_SIZE makes DeepSpeed map a shared-memory buffer per rank: none stays behind
+    assert ds_shm_files() <= before
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from ragdist.errors import ConfigError
 from ragdist.train.engine import TrainerConfig, adamw, lr_lambda, trainable_parameters
-from ragdist.train.shm_collectives import ShmCollectives
+from ragdist.train.shm_collectives import SHM_DIR, ShmCollectives
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,20 @@ def init_distributed() -> None:
     # Also when the group exists: DeepSpeed then only wraps it, and its backend object is there
     # before the engine (the shared-memory routing below patches that object).
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    _unlink_deepspeed_shm_names()
+
+
+def _unlink_deepspeed_shm_names() -> None:
+    """DeepSpeed maps a shared-memory buffer per CPU rank when LOCAL_SIZE equals the world size (its
+    launcher sets it) and never removes the files: every such job left 2 × 66 MiB in /dev/shm. Its
+    setup returns only once a rank has mapped every peer's buffer, so after a barrier the names can go
+    (the mappings stay)."""
+    if torch.cuda.is_available() or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    mine = SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    dist.barrier()
+    mine.unlink(missing_ok=True)
 
 
 _SHM: dict[str, Any] = {"world": None, "shm": None}
