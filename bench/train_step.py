@@ -53,6 +53,7 @@ def _trainer(args, max_steps: int):
     for key in ("prefetch_depth", "cpu_collectives"):
         if getattr(args, key) is not None:
             setattr(t, key, getattr(args, key))
+    t.fused_optimizer = args.fused_optimizer
     return t
 
 
@@ -108,7 +109,7 @@ def rank_main(spec_path: str) -> None:
     tok = load_tokenizer(model_cfg)
     train = load_qa(DATA / "train.jsonl")
     rcfg = RetrievalConfig(address=spec["ray"], service_name=spec["service"], cache_size=0)
-    embedder = build_embedder(EmbedderConfig(progress=False))
+    embedder = build_embedder(EmbedderConfig(progress=False, dtype=args.query_dtype))
     client = RetrievalClient(rcfg, embedder=embedder)
     cached = RetrievalClient(dataclasses.replace(rcfg, cache_size=RetrievalConfig().cache_size), embedder=embedder)
     fixed = dict(zip([ex.question for ex in train], client.retrieve([ex.question for ex in train], args.top_k)))
@@ -176,6 +177,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--prefetch-depth", type=int, default=None, help="default: the trainer's")
     ap.add_argument("--cpu-collectives", choices=["shm", "gloo"], default=None, help="default: the trainer's")
+    ap.add_argument("--fused-optimizer", action="store_true", help="trainer.fused_optimizer=true")
+    ap.add_argument("--query-dtype", choices=["fp32", "bf16"], default="fp32", help="the ranks' query encoder (embedder.dtype)")
     ap.add_argument("--rank-worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_worker:
@@ -223,6 +226,8 @@ def main() -> None:
         "micro_batch": args.micro_batch,
         "rounds": args.rounds,
         "steps_per_run": args.steps,
+        "query_dtype": args.query_dtype,
+        "fused_optimizer": args.fused_optimizer,
         "step_s_live": step["live"],
         "step_s_precomputed": step["precomputed"],
         "ratio": step["live"] / step["precomputed"],

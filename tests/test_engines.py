@@ -133,6 +133,8 @@ def worker(out_path: str) -> None:
         ("zero1", dict(zero_stage=1)),
         ("zero2", dict(zero_stage=2)),
         ("zero2_gloo", dict(zero_stage=2, cpu_collectives="gloo")),
+        ("zero2_fused", dict(zero_stage=2, fused_optimizer=True)),
+        ("fsdp_fused", dict(engine="fsdp", fused_optimizer=True)),
         ("zero3", dict(zero_stage=3)),
         ("fsdp", dict(engine="fsdp")),
         ("zero3_offload", dict(zero_stage=3, offload_optimizer=True, offload_params=True)),
@@ -217,7 +219,7 @@ def test_engines_agree_on_the_loss_trajectory(engines_run):
     r, _ = engines_run
     ref = r["zero2"]["losses"]
     assert len(ref) == STEPS and ref[-1] < ref[0]
-    for name in ("zero1", "zero3", "fsdp", "zero3_offload", "fsdp_offload"):
+    for name in ("zero1", "zero3", "fsdp", "zero3_offload", "fsdp_offload", "zero2_fused", "fsdp_fused"):
         _close(r[name]["losses"], ref, FP32_RTOL)
         _close(r[name]["lr"], r["zero2"]["lr"], 1e-12)
     # 2 micro-batches × 2 accumulation steps: the same examples per step, but each micro-batch's loss

