@@ -136,3 +136,11 @@ def test_every_engine_and_peft_config_composes():
         assert trainer.engine in ("deepspeed", "fsdp") and peft.method in ("none", "lora", "qlora")
     assert compose(["trainer=fsdp"]).trainer.engine == "fsdp"
     assert compose(["trainer.examples.aggregation=sequential"]).trainer.examples.aggregation == "sequential"
+
+
+def test_fused_adamw_only_when_asked_for():
+    from ragdist.train.engine import adamw
+
+    params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    assert not adamw(params, TrainerConfig()).defaults.get("fused")
+    assert adamw(params, TrainerConfig(fused_optimizer=True)).defaults["fused"] is True

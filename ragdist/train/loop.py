@@ -197,10 +197,7 @@ def train_variant(
     t_step, cpu_step = time.perf_counter(), time.process_time()
     preempted = False
     try:
-        def build(p: Position) -> tuple[Position, Any]:
-            return p, builder.build(examples, p.ids, p.epoch)
-
-        with Prefetcher(build, stream, trainer.prefetch_depth) as pf:
+        with Prefetcher(lambda p: (p, builder.build(examples, p.ids, p.epoch)), stream, trainer.prefetch_depth) as pf:
             for (pos, batch), wait in pf:
                 loss = engine.train_step(batch.tensors)
                 micro += 1
