@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 def one_run(args: argparse.Namespace, out: Path, refresh: bool, seed: int) -> dict:
     from ragdist.config import compose
-    from ragdist.recipes.finetune import prepare, spawn_ranks, stop_owned_service
+    from ragdist.recipes.training import launch_training, prepare, stop_owned_service
 
     overrides = [
         "joint=lsr", "joint.side=both", "trainer.variants=[rag]", f"trainer.max_steps={args.steps}",
@@ -47,7 +47,7 @@ def one_run(args: argparse.Namespace, out: Path, refresh: bool, seed: int) -> di
     t0 = time.perf_counter()
     prepare(cfg)
     try:
-        spawn_ranks(cfg)
+        launch_training(cfg)
     finally:
         stop_owned_service(cfg)
     s = json.loads((Path(cfg.run_dir) / "train_rag.json").read_text())

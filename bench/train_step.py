@@ -91,6 +91,7 @@ def rank_main(spec_path: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from ragdist import distributed as rdist
     from ragdist.data.qa import load_qa
     from ragdist.embed import EmbedderConfig, build_embedder
     from ragdist.retrieval.client import RetrievalClient, RetrievalConfig
@@ -98,7 +99,6 @@ def rank_main(spec_path: str) -> None:
     from ragdist.train.loop import build_module_fn, positions, take, train_variant
     from ragdist.train.model import load_tokenizer
     from ragdist.train.peft import PeftConfig
-    from ragdist.utils import dist as rdist
     from ragdist.utils.logger import LoggerConfig, RunLogger
 
     spec = json.loads(Path(spec_path).read_text())
@@ -188,11 +188,11 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ragdist.data.corpus import chunk_documents, load_documents
+    from ragdist.distributed import launch_local
     from ragdist.embed import EmbedderConfig, build_embedder
     from ragdist.index.builder import IndexConfig, build_snapshot
     from ragdist.retrieval.client import RetrievalConfig, start_service, stop_service
     from ragdist.retrieval.cluster import init_ray
-    from ragdist.utils.dist import launch_local
 
     work = Path(tempfile.mkdtemp(prefix="ragdist-bench-train-"))
     embedder = build_embedder(EmbedderConfig(progress=False))

@@ -17,7 +17,7 @@ from ragdist.data.qa import DataConfig
 from ragdist.embed.embedder import EmbedderConfig
 from ragdist.eval.runner import EvalConfig
 from ragdist.index.builder import IndexConfig
-from ragdist.joint.loop import JointConfig
+from ragdist.joint.config import JointConfig
 from ragdist.retrieval.client import RetrievalConfig
 from ragdist.train.engine import TrainerConfig
 from ragdist.train.model import ModelConfig
@@ -120,6 +120,11 @@ def load_resolved(path: str | Path) -> DictConfig:
     """A config written by `to_yaml`, re-typed against the schema."""
     base = OmegaConf.structured(RunConfig)
     return OmegaConf.merge(base, OmegaConf.load(path))  # type: ignore[return-value]
+
+
+def typed_config(plain: dict[str, Any]) -> DictConfig:
+    """A plain config (e.g. one sent to other processes) re-typed against the schema."""
+    return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(plain))  # type: ignore[return-value]
 
 
 def as_object(node: Any) -> Any:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _launch(engine: str, out: Path) -> dict:
-    from ragdist.utils.dist import free_port
+    from ragdist.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(Path(__file__)), engine, str(out)]
@@ -51,16 +51,17 @@ def test_every_loss_trains_the_retriever_through_the_engine(engine, tmp_path):
 def _worker(engine_name: str, out: Path) -> None:
     import torch
 
+    from ragdist import distributed as rdist
     from ragdist.data.corpus import load_documents
     from ragdist.data.qa import load_qa
     from ragdist.embed.embedder import resolve_model_path
     from ragdist.joint.generator import JointLM
     from ragdist.joint.losses import LOSSES
     from ragdist.joint.retriever import JointRetriever, RetrieverOptimizer, encoder_dir
-    from ragdist.train.engine import TrainerConfig, build_engine
+    from ragdist.train.engine import TrainerConfig
+    from ragdist.train.engines import build_engine
     from ragdist.train.examples import collate_train, encode_train
     from ragdist.train.model import ModelConfig, build_generator, load_tokenizer
-    from ragdist.utils import dist as rdist
 
     torch.set_num_threads(1)
     trainer = TrainerConfig(engine=engine_name, zero_stage=3, micro_batch_size=2, max_steps=8, warmup_steps=0, lr=1e-3)

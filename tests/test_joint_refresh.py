@@ -20,7 +20,7 @@ QUESTIONS = ["What is the IATA code of Farah Airport?", "Which city does RAF Leu
 def env(ray_cluster, tiny_snapshot, tmp_path_factory):
     from ragdist.embed.embedder import resolve_model_path
     from ragdist.index.snapshot import read_manifest
-    from ragdist.joint.loop import JointConfig
+    from ragdist.joint.config import JointConfig
     from ragdist.joint.refresh import IndexView, RefreshManager, ServedVersion, joint_service
     from ragdist.joint.retriever import MeanPoolEncoder, encoder_dir
     from ragdist.retrieval.client import RetrievalConfig, start_service, stop_service

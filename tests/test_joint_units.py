@@ -11,7 +11,7 @@ import torch
 
 from ragdist.errors import ConfigError
 from ragdist.joint import losses
-from ragdist.joint.loop import JointConfig, check_joint_config
+from ragdist.joint.config import JointConfig, check_joint_config
 
 
 @pytest.fixture(scope="module")

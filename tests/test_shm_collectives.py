@@ -22,8 +22,8 @@ def worker(out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from ragdist import distributed as rdist
     from ragdist.train.shm_collectives import ShmCollectives
-    from ragdist.utils import dist as rdist
 
     torch.set_num_threads(1)
     rank, world = rdist.init_process_group()
@@ -78,7 +78,7 @@ def worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def shm_run(tmp_path_factory):
-    from ragdist.utils.dist import launch_local
+    from ragdist.distributed import launch_local
 
     out = tmp_path_factory.mktemp("shm") / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ragdist.utils.dist import free_port
+from ragdist.distributed import free_port
 from tests.conftest import ROOT
 from tests.test_launch import CHEAP, launch_env
 

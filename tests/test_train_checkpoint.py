@@ -11,15 +11,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ragdist.distributed import free_port, launch_local
 from ragdist.errors import ConfigError
 from ragdist.train import checkpoint as ckpt
-from ragdist.train.engine import TrainerConfig, build_engine
+from ragdist.train.engine import TrainerConfig
+from ragdist.train.engines import build_engine
 from ragdist.train.examples import collate_train, encode_train
 from ragdist.train.loop import build_module_fn
 from ragdist.train.model import AnswerLossLM, ModelConfig, build_generator, load_tokenizer
 from ragdist.train.peft import PeftConfig
 from ragdist.train.preempt import REQUEUE_EXIT_CODE
-from ragdist.utils.dist import free_port, launch_local
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=64)
 

@@ -23,9 +23,9 @@ from ragdist.train.examples import (
     prompt_ids,
     select_passages,
 )
-from ragdist.train.loop import positions
 from ragdist.train.model import IGNORE, ModelConfig, build_generator, load_tokenizer
 from ragdist.train.prefetch import Lookahead, Prefetcher
+from ragdist.train.trainer import positions
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from ragdist.distributed import launch_local
 from ragdist.train import checkpoint as ckpt
 from ragdist.train.preempt import REQUEUE_EXIT_CODE
-from ragdist.utils.dist import launch_local
 from tests.conftest import ROOT
 
 

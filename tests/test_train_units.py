@@ -7,8 +7,8 @@ from ragdist.errors import ConfigError
 from ragdist.train.deepspeed_engine import deepspeed_config
 from ragdist.train.engine import TrainerConfig, lr_lambda
 from ragdist.train.examples import collate_prompts, collate_train, encode_train, prompt_ids
-from ragdist.train.loop import rank_batches
 from ragdist.train.model import IGNORE, AnswerLossLM, ModelConfig, build_generator, load_tokenizer
+from ragdist.train.trainer import rank_batches
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from ragdist.errors import IndexError_, RetrievalError
 from ragdist.index.snapshot import read_manifest
 
 if TYPE_CHECKING:
-    from ragdist.joint.loop import JointConfig
+    from ragdist.joint.config import JointConfig
     from ragdist.joint.retriever import MeanPoolEncoder
     from ragdist.retrieval.client import RetrievalConfig, SearchResult
 

@@ -27,7 +27,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ragdist.config import RunConfig, conf_dir, register_configs
+from ragdist.config import conf_dir, register_configs, typed_config
 from ragdist.errors import RagdistError
 from ragdist.recipes.common import cli, setup_logging
 
@@ -61,20 +61,16 @@ def parse_worker_args(argv: list[str]) -> tuple[WorkerSpec, list[str]]:
     return WorkerSpec(ns.workers, ns.cpus_per_worker, ns.gpus_per_worker), rest
 
 
-def typed_config(plain: dict[str, Any]) -> DictConfig:
-    return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(plain))  # type: ignore[return-value]
-
-
 def rank_main(config: dict[str, Any]) -> None:
     """One Ray Train worker = one rank; Ray Train has set up the process group and RANK/WORLD_SIZE."""
     from ragdist.launch.rank import console_to_rank0
-    from ragdist.recipes.finetune import train_all
+    from ragdist.recipes.training import train_ranks
 
     cfg = typed_config(config["cfg"])
     rank = int(os.environ.get("RANK", "0"))
     console_to_rank0(cfg.run_dir, rank)
     setup_logging(rank)
-    train_all(cfg)
+    train_ranks(cfg)
 
 
 def train_on_ray(cfg: DictConfig, spec: WorkerSpec) -> None:
@@ -130,7 +126,8 @@ def attach(cfg: DictConfig) -> str:
 
 @cli
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from ragdist.recipes.finetune import evaluate_and_report, pin_resumed_index, prepare, stop_owned_service
+    from ragdist.recipes.evaluate import evaluate_checkpoints
+    from ragdist.recipes.training import pin_resumed_index, prepare, stop_owned_service
 
     setup_logging()
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -147,7 +144,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     embedder = prepare(cfg)
     try:
         train_on_ray(cfg, _SPEC)
-        return evaluate_and_report(cfg, embedder)
+        ckpts = {v: str(Path(cfg.run_dir) / "checkpoints" / v) for v in cfg.trainer.variants}
+        return evaluate_checkpoints(cfg, ckpts, embedder)
     finally:
         stop_owned_service(cfg)
 

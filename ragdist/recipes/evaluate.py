@@ -297,7 +297,7 @@ def _needed(strategies: list[str]) -> list[str]:
 
 def train_missing(cfg: DictConfig, missing: list[str]) -> dict[str, str]:
     """Train the rows that have no checkpoint with the training recipe (same data, model, steps)."""
-    from ragdist.recipes.finetune import spawn_ranks
+    from ragdist.recipes.training import launch_training
 
     had = [
         v
@@ -306,7 +306,7 @@ def train_missing(cfg: DictConfig, missing: list[str]) -> dict[str, str]:
     ]
     cfg.trainer.variants = list(missing)
     log.info("compare: training %s (%d steps each)", missing, cfg.trainer.max_steps)
-    spawn_ranks(cfg)
+    launch_training(cfg)
     # Record every variant the run now holds, so `eval.run_dir=<this run>` finds them all.
     cfg.trainer.variants = [v for v in TRAINABLE if v in had or v in missing]
     dump_config(cfg, Path(cfg.run_dir) / "resolved.yaml")

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, root: str | Path, state: dict[str, Any], keep: int = 2) -> Path:
-    """Collective. Write engine + RNG + `state` (JSON-able: step, data position, history...) for `state['step']`."""
+def save_checkpoint(
+    engine: Any, root: str | Path, state: dict[str, Any], keep: int = 2, extra: Callable[[Path], None] | None = None
+) -> Path:
+    """Collective. Write engine + RNG + `state` (JSON-able: step, data position, history...) for `state['step']`.
+
+    `extra(tmp_dir)`, called on every rank, writes whatever else belongs to the checkpoint into it
+    (e.g. a jointly trained retriever); it is renamed into place with the rest."""
     rank, _ = _rank_world()
     root = Path(root)
     name = f"step_{int(state['step']):08d}"
@@ -84,6 +90,8 @@ def save_checkpoint(engine: Any, root: str | Path, state: dict[str, Any], keep: 
     _barrier()
     engine.save_checkpoint(tmp / "engine")
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if extra is not None:
+        extra(tmp)
     _barrier()
     final = root / name
     if rank == 0:

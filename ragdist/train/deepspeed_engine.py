@@ -6,7 +6,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from torch import nn
 
 from ragdist.errors import ConfigError
 from ragdist.train.engine import TrainerConfig, adamw, lr_lambda, trainable_parameters
-from ragdist.train.shm_collectives import SHM_DIR, ShmCollectives
 
 log = logging.getLogger(__name__)
 
@@ -87,85 +85,14 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
 
 
 def init_distributed() -> None:
-    """The process group (unless a caller made it) and DeepSpeed's communication backend over it."""
+    """The process group (one path for every engine) and DeepSpeed's communication backend over it."""
     import deepspeed
 
-    # Also when the group exists: DeepSpeed then only wraps it, and its backend object is there
-    # before the engine (the shared-memory routing below patches that object).
+    from ragdist.distributed import init_process_group
+
+    init_process_group()
+    # The group exists: DeepSpeed only wraps it.
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    _unlink_deepspeed_shm_names()
-
-
-def _unlink_deepspeed_shm_names() -> None:
-    """DeepSpeed maps a shared-memory buffer per CPU rank when LOCAL_SIZE equals the world size (its
-    launcher sets it) and never removes the files: every such job left 2 × 66 MiB in /dev/shm. Its
-    setup returns only once a rank has mapped every peer's buffer, so after a barrier the names can go
-    (the mappings stay)."""
-    if torch.cuda.is_available() or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
-        return
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    mine = SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
-    dist.barrier()
-    mine.unlink(missing_ok=True)
-
-
-_SHM: dict[str, Any] = {"world": None, "shm": None}
-
-
-def _shared_memory_collectives() -> ShmCollectives | None:
-    """One region per default process group and process, kept across the engines a process builds
-    (the rag and closed-book variants, an export): creating one is a collective."""
-    if _SHM["world"] is not dist.group.WORLD:  # first engine, or a new process group since
-        if _SHM["shm"] is not None:
-            _SHM["shm"].close()
-        _SHM["world"], _SHM["shm"] = dist.group.WORLD, ShmCollectives.create()
-    return _SHM["shm"]
-
-
-def _route_through(shm: ShmCollectives) -> Callable[[], None] | None:
-    """DeepSpeed's blocking sum all-reduces and all-gathers over the whole world go through `shm`;
-    every other call (asynchronous, a sub-group, small, another op) takes DeepSpeed's own path.
-
-    ZeRO-1/2 all-reduce the gradients and all-gather the updated partitions once per step; on CPU
-    ranks these two collectives are most of what the engine adds to a plain data-parallel step.
-    Returns the function that restores DeepSpeed's own methods (None: nothing was routed).
-    """
-    import deepspeed.comm.comm as ds_comm
-
-    cdb = ds_comm.cdb
-    if cdb is None or not all(callable(getattr(cdb, m, None)) for m in ("all_reduce", "all_gather_into_tensor")):
-        log.warning("DeepSpeed's communication backend has no all_reduce/all_gather_into_tensor; collectives stay on gloo")
-        return None
-    own_reduce, own_gather = cdb.all_reduce, cdb.all_gather_into_tensor
-    world = list(range(dist.get_world_size()))
-
-    def whole_world(group: Any) -> bool:
-        if group is None or group is dist.group.WORLD:
-            return True
-        try:
-            return dist.get_process_group_ranks(group) == world
-        except (RuntimeError, ValueError):
-            return False
-
-    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):  # noqa: ANN001, ANN202
-        is_sum = op == dist.ReduceOp.SUM or getattr(op, "name", None) == "SUM"
-        if not async_op and is_sum and whole_world(group) and shm.all_reduce_(tensor):
-            return None
-        return own_reduce(tensor, op, group, async_op)
-
-    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):  # noqa: ANN001, ANN202
-        if not async_op and whole_world(group) and shm.all_gather_into_tensor(output_tensor, input_tensor):
-            return None
-        return own_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group, async_op=async_op)
-
-    # instance attributes shadow the class's methods; removing them restores DeepSpeed's own
-    cdb.all_reduce, cdb.all_gather_into_tensor = all_reduce, all_gather_into_tensor
-
-    def restore() -> None:
-        for name in ("all_reduce", "all_gather_into_tensor"):
-            cdb.__dict__.pop(name, None)
-
-    return restore
 
 
 class DeepSpeedEngine:
@@ -175,8 +102,10 @@ class DeepSpeedEngine:
         init_distributed()
         self._unroute: Callable[[], None] | None = None
         if not torch.cuda.is_available() and cfg.cpu_collectives == "shm":
-            shm = _shared_memory_collectives()
-            self._unroute = _route_through(shm) if shm is not None else None
+            # Opt-in, CPU only: see deepspeed_shm.py for what it replaces and how it is guarded.
+            from ragdist.train.deepspeed_shm import route_cpu_collectives
+
+            self._unroute = route_cpu_collectives()
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)

@@ -47,10 +47,10 @@ class TrainerConfig:
     master_port: int = 0  # 0 = pick a free port
     variants: list[str] = field(default_factory=lambda: ["rag", "closed_book"])
     ds_config: str = ""  # a raw DeepSpeed JSON file; overrides what is derived from this config
-    # DeepSpeed on CPU ranks that share one node: "shm" sends the gradient all-reduce and the
-    # parameter all-gather through shared memory (same results, a fraction of gloo's time over
-    # loopback sockets); "gloo" leaves every collective on the process group.
-    cpu_collectives: str = "shm"
+    # DeepSpeed on CPU ranks: "gloo" = DeepSpeed's own collectives on the process group; "shm"
+    # (opt-in) routes its gradient all-reduce and parameter all-gather through shared memory on one
+    # node (same results, a fraction of gloo's loopback time; see train/deepspeed_shm.py). GPU: NCCL.
+    cpu_collectives: str = "gloo"
     # PyTorch's fused AdamW kernel (CPU or CUDA). On CPU it updated a 2.2M-parameter ZeRO partition
     # in 1.3 ms instead of 8.7 ms; its results differ from the default AdamW in the last bit of some
     # elements, so a run's loss trajectory changes with it: off unless asked for.
@@ -142,18 +142,6 @@ def check_trainer_config(cfg: TrainerConfig) -> None:
         raise ConfigError(f"trainer.schedule={cfg.schedule!r}: expected cosine, linear or constant")
     if len(cfg.betas) != 2:
         raise ConfigError(f"trainer.betas={list(cfg.betas)}: expected two numbers")
-
-
-def build_engine(cfg: TrainerConfig, build_module: Callable[[], nn.Module], run_dir: str | Path) -> TrainEngine:
-    """`build_module` is called once, inside the engine, after whatever must precede model construction."""
-    check_trainer_config(cfg)
-    if cfg.engine == "deepspeed":
-        from ragdist.train.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, build_module, run_dir)
-    from ragdist.train.fsdp_engine import FSDPEngine
-
-    return FSDPEngine(cfg, build_module, run_dir)
 
 
 def adamw(params: list[nn.Parameter], cfg: TrainerConfig) -> torch.optim.Optimizer:

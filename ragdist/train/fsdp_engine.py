@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ragdist import distributed as rdist
 from ragdist.errors import ConfigError
 from ragdist.train.engine import TrainerConfig, adamw, lr_lambda, trainable_parameters
-from ragdist.utils import dist as rdist
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,89 @@
+"""Joint retriever–generator training's config (`joint=` group): losses, the retriever's optimizer, refresh triggers.
+
+    ragdist-train +experiment=tiny joint=lsr
+    ragdist-train +experiment=tiny joint=lsr joint.side=both joint.refresh_every=10
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ragdist.errors import ConfigError
+
+
+@dataclass
+class JointConfig:
+    loss: str = "none"  # none (plain RAG fine-tuning) | rag_nll | lsr | pdist | emdr2
+    side: str = "query"  # query: query encoder only | both: passage encoder too (asynchronous index refresh)
+    top_k: int = 0  # passages per question the retriever scores and the generator reads; 0 = retrieval.top_k
+    candidates: int = 0  # over-retrieve this many, re-score with the current encoders, keep top_k; 0 = top_k
+    retriever_temperature: float = 0.1  # p(z|x) = softmax(score / τ) over the top_k (scores are cosines)
+    lm_temperature: float = 1.0  # lsr / pdist: softmax(log p(y|x,z) / τ) is the generator's target
+    generator_weight: float = 1.0  # loss = generator_weight · generator NLL + retriever_weight · retriever loss
+    retriever_weight: float = 1.0
+    retriever_start_step: int = 0  # the retriever only steps from here on (the generator first learns to read)
+    lr: float = 3e-5  # the retriever's own optimizer (AdamW) and schedule
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | linear | cosine (after warmup, over trainer.max_steps)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = no clipping
+    encoder_max_length: int = 256
+    query_noise: float = 0.0  # >0: start from a deliberately weakened query encoder (weights + noise × std)
+    recall_ks: list[int] = field(default_factory=lambda: [1, 3, 5])  # recall@k on eval questions, before/after
+    record_examples: bool = True  # <run>/joint/examples.rank<r>.jsonl: each example's index version
+    # Asynchronous index refresh (side=both). A refresh starts when any trigger fires.
+    refresh_every: int = 0  # every N optimizer steps; 0 = off
+    refresh_max_staleness: int = 0  # when the served version's encoder snapshot is N steps old; 0 = off
+    refresh_drift: float = 0.0  # when 1 − mean cos(probe passages now, in the index) reaches this; 0 = off
+    refresh_probe: int = 16  # passages whose drift is measured (rank 0, every refresh_drift_every steps)
+    refresh_drift_every: int = 10
+    refresh_workers: int = 2  # Ray actors re-embedding the corpus in parallel
+    refresh_threads: int = 1  # torch threads per embed worker
+    refresh_nice: int = 19  # os.nice of the refresh processes: training keeps the CPU it needs
+    refresh_batch_size: int = 32
+    refresh_timeout_s: float = 600.0  # a refresh running longer counts as failed
+    refresh_max_retries: int = 3  # failed attempts in a row before giving up until the next trigger
+    refresh_backoff_s: float = 2.0  # retry after backoff × 2^(attempt−1), at most refresh_max_backoff_s
+    refresh_max_backoff_s: float = 60.0
+    # Bounded staleness: at this many steps behind, training waits for the refresh in flight; 0 = never waits.
+    refresh_wait_staleness: int = 0
+    refresh_supersede: bool = False  # a due refresh starts even while one runs (the older is then discarded)
+    refresh_keep_versions: int = 2  # snapshot dirs of served versions kept under refresh_root
+    refresh_final: bool = True  # one last refresh after the last step: the saved index matches the saved encoder
+    refresh_root: str = ""  # "" = <run_dir>/joint/index
+
+
+def check_joint_config(cfg: JointConfig, top_k: int) -> None:
+    from ragdist.joint.losses import LOSSES
+
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"joint.loss={cfg.loss!r}: expected none or one of {', '.join(LOSSES)}")
+    if cfg.side not in ("query", "both"):
+        raise ConfigError(f"joint.side={cfg.side!r}: expected 'query' or 'both'")
+    if top_k < 2:
+        raise ConfigError(f"joint.top_k={top_k}: the retriever's distribution needs at least 2 passages per question")
+    if cfg.candidates and cfg.candidates < top_k:
+        raise ConfigError(f"joint.candidates={cfg.candidates}: must be 0 or at least joint.top_k={top_k}")
+    for key in ("retriever_temperature", "lm_temperature"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must be positive")
+    for key in ("generator_weight", "retriever_weight", "lr", "query_noise", "refresh_drift", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must not be negative")
+    if cfg.schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"joint.schedule={cfg.schedule!r}: expected constant, linear or cosine")
+    if not cfg.recall_ks or any(k < 1 for k in cfg.recall_ks):
+        raise ConfigError(f"joint.recall_ks={list(cfg.recall_ks)}: positive integers, at least one")
+    for key in ("refresh_every", "refresh_max_staleness", "refresh_max_retries", "refresh_probe", "retriever_start_step",
+                "refresh_wait_staleness"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must not be negative")
+    for key in ("refresh_workers", "refresh_threads", "refresh_batch_size", "refresh_drift_every", "refresh_keep_versions"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must be at least 1")
+    if cfg.refresh_timeout_s <= 0 or cfg.refresh_backoff_s < 0:
+        raise ConfigError("joint.refresh_timeout_s must be positive and joint.refresh_backoff_s not negative")
+    if cfg.side == "query" and (cfg.refresh_every or cfg.refresh_max_staleness or cfg.refresh_drift
+                                or cfg.refresh_wait_staleness):
+        raise ConfigError("joint.refresh_* triggers need joint.side=both: with side=query the index never goes stale")

@@ -1,0 +1,183 @@
+"""The training half of the recipes: prepare once, then every rank runs `train_ranks(cfg)`.
+
+However the ranks come up — ragdist's own local launch (`launch_training`, PyTorch's elastic agent),
+`torchrun`, `deepspeed`, `srun` or Ray Train — each enters `train_ranks` with the same prepared config
+(data paths, index snapshot and service address filled in by `prepare`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ragdist import distributed as rdist
+from ragdist.config import as_object, typed_config
+from ragdist.errors import RagdistError
+from ragdist.index.snapshot import read_manifest
+from ragdist.recipes.common import (
+    build_or_reuse_index,
+    check_embedder_matches,
+    dump_config,
+    load_qa_splits,
+    log,
+    resolve_data_paths,
+    setup_logging,
+)
+
+VARIANTS = ("rag", "closed_book")
+
+
+def prepare(cfg: DictConfig) -> Any:
+    """Data, index snapshot and a running service, filled into `cfg`; returns the query embedder."""
+    from ragdist.embed import build_embedder
+    from ragdist.retrieval.client import start_service
+    from ragdist.train.model import load_tokenizer
+
+    for variant in cfg.trainer.variants:
+        if variant not in VARIANTS:
+            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
+    resolve_data_paths(cfg)
+    # Fail on bad QA files or a missing model before anything expensive starts.
+    load_qa_splits(cfg)
+    load_tokenizer(as_object(cfg.model))
+    embedder = build_embedder(as_object(cfg.embedder))
+    snapshot = build_or_reuse_index(cfg, embedder)
+    check_embedder_matches(read_manifest(snapshot), embedder)
+    cfg.index.snapshot = str(Path(snapshot).resolve())
+    if any(v != "closed_book" for v in cfg.trainer.variants):
+        start_service(cfg.index.snapshot, as_object(cfg.retrieval))
+        cfg.retrieval.address = os.environ["RAY_ADDRESS"]
+    return embedder
+
+
+def pin_resumed_index(cfg: DictConfig) -> None:
+    """Resuming: serve the index snapshot the checkpoint was trained against, if it still exists."""
+    from ragdist.train import checkpoint as ckpt
+
+    if not cfg.trainer.resume or cfg.index.snapshot or "rag" not in cfg.trainer.variants:
+        return
+    found = ckpt.find_checkpoint(cfg.trainer.resume, Path(cfg.run_dir) / "train_state" / "rag")
+    if found is None:
+        return
+    version = ckpt.read_state(found).get("index_version")
+    if version and (Path(cfg.index.root) / version).is_dir():
+        cfg.index.snapshot = str(Path(cfg.index.root) / version)
+        log.info("resume: serving index version %s, as at %s", version, found)
+
+
+def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every rank: train each variant in turn. The process group is up and `cfg` is prepared.
+
+    Raises `Preempted` after a preemption signal, once the running variant has checkpointed.
+    """
+    import torch
+
+    from ragdist.embed import build_embedder
+    from ragdist.joint.train import train_joint
+    from ragdist.retrieval.client import RetrievalClient
+    from ragdist.train.examples import PassageStore
+    from ragdist.train.loop import train_variant
+    from ragdist.train.model import load_tokenizer
+    from ragdist.train.preempt import Preempted, PreemptionHandler
+    from ragdist.utils.logger import RunLogger
+
+    rank = rdist.rank()
+    torch.set_num_threads(max(1, cfg.trainer.omp_threads))
+    tokenizer = load_tokenizer(as_object(cfg.model))
+    train, evals = load_qa_splits(cfg)
+    trainer = as_object(cfg.trainer)
+    joint = as_object(cfg.joint)
+    client = store = None
+    if "rag" in cfg.trainer.variants and joint.loss == "none":
+        emb_cfg = as_object(cfg.embedder)
+        emb_cfg.progress = False
+        client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
+        fmt = trainer.examples
+        if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
+            store = PassageStore.from_snapshot(cfg.index.snapshot)
+    logger = RunLogger(as_object(cfg.logger), cfg.run_dir, enabled=rank == 0, config=None)
+    out = []
+    with PreemptionHandler() as preempt:
+        for variant in cfg.trainer.variants:
+            if preempt.requested:  # between variants: the finished ones are saved, nothing else to keep
+                raise Preempted(None, 0)
+            rag = variant == "rag"
+            if rag and joint.loss != "none":  # the retriever trains too: a source and hook of the same loop
+                out.append(train_joint(
+                    "rag", train, evals, joint=joint, trainer=trainer, model_cfg=as_object(cfg.model),
+                    retrieval=as_object(cfg.retrieval), embedder_cfg=as_object(cfg.embedder),
+                    snapshot=str(cfg.index.snapshot), tokenizer=tokenizer, run_dir=cfg.run_dir, logger=logger,
+                    peft_cfg=as_object(cfg.peft), stop_requested=lambda: preempt.requested,
+                ))  # fmt: skip
+                continue
+            out.append(train_variant(
+                variant, train, trainer=trainer, model_cfg=as_object(cfg.model), tokenizer=tokenizer,
+                top_k=cfg.retrieval.top_k if rag else 0, retrieve=client.retrieve if (rag and client) else None,
+                run_dir=cfg.run_dir, logger=logger, peft_cfg=as_object(cfg.peft), store=store if rag else None,
+                index_version=(lambda: client.version) if (rag and client) else None,
+                stop_requested=lambda: preempt.requested,
+            ))  # fmt: skip
+    logger.finish()
+    return out
+
+
+def rank_entry(plain: dict[str, Any]) -> None:
+    """One rank of `launch_training` (PyTorch's elastic agent calls it in a fresh process).
+
+    Exit status: 0 done, 2 bad input, 75 (REQUEUE_EXIT_CODE) preempted after a checkpoint.
+    """
+    from ragdist.train.preempt import REQUEUE_EXIT_CODE, Preempted
+
+    cfg = typed_config(plain)
+    rank, _ = rdist.init_process_group()
+    setup_logging(rank)
+    code = 0
+    try:
+        train_ranks(cfg)
+    except Preempted as e:
+        print(f"ragdist: rank {rank}: {e}", file=sys.stderr, flush=True)
+        code = REQUEUE_EXIT_CODE
+    except RagdistError as e:
+        print(f"ragdist: error (rank {rank}): {e}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        rdist.shutdown()
+    if code:
+        sys.exit(code)
+
+
+def launch_training(cfg: DictConfig) -> None:
+    """Run `trainer.nproc` ranks of `train_ranks` on this node (PyTorch's elastic agent, loopback).
+
+    A preemption signal reaching this process goes to the ranks; after they checkpoint it exits
+    with REQUEUE_EXIT_CODE too. The prepared config is written to <run_dir>/resolved.yaml as the
+    run's record (`ragdist-eval eval.run_dir=` reads it).
+    """
+    from ragdist.train.preempt import REQUEUE_EXIT_CODE
+
+    run_dir = Path(cfg.run_dir)
+    dump_config(cfg, run_dir / "resolved.yaml")
+    env = {"OMP_NUM_THREADS": str(cfg.trainer.omp_threads), "PYTHONUNBUFFERED": "1"}
+    engine = cfg.trainer.engine + (f", ZeRO-{cfg.trainer.zero_stage}" if cfg.trainer.engine == "deepspeed" else "")
+    log.info("train: %d ranks (%s)", cfg.trainer.nproc, engine)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    rc = rdist.launch_local(rank_entry, cfg.trainer.nproc, args=(plain,), env=env, master_port=cfg.trainer.master_port)
+    if rc == REQUEUE_EXIT_CODE:
+        log.warning("train: preempted; the ranks checkpointed under %s/train_state — rerun with "
+                    "trainer.resume=auto to continue", run_dir)  # fmt: skip
+        sys.exit(REQUEUE_EXIT_CODE)
+    if rc != 0:
+        raise RagdistError(f"training ranks failed (exit status {rc}); see the log above")
+
+
+def stop_owned_service(cfg: DictConfig) -> None:
+    import ray
+
+    from ragdist.retrieval.client import stop_service
+
+    if ray.is_initialized() and not cfg.retrieval.detached:
+        stop_service(as_object(cfg.retrieval))
