@@ -1,7 +1,8 @@
 """Preemption through the real CLI: SIGTERM to ragdist-train → ranks checkpoint → exit 75 → resume.
 
-The resume runs the same rank program the driver spawns (train_worker) with trainer.resume=auto,
-so the test stops where training ends instead of paying for evaluation again.
+The resume runs the same rank function the driver launches (`recipes.training.rank_entry`, through
+the same elastic launch) with trainer.resume=auto, so the test stops where training ends instead of
+paying for evaluation again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from ragdist.distributed import launch_local
+from ragdist.recipes.training import rank_entry
 from ragdist.train import checkpoint as ckpt
 from ragdist.train.preempt import REQUEUE_EXIT_CODE
 from tests.conftest import ROOT
@@ -75,12 +77,10 @@ def test_sigterm_checkpoints_exits_75_and_resumes(ray_cluster, tmp_path):
         assert not (run_dir / "checkpoints" / "rag").exists()  # nothing exported from a preempted run
 
         # requeued: the same ranks with trainer.resume=auto finish from the checkpoint
-        cfg = OmegaConf.load(run_dir / "resolved.yaml")
-        cfg.trainer.resume = "auto"
-        cfg.trainer.max_steps = state["step"] + 3
-        resumed = tmp_path / "resume.yaml"
-        OmegaConf.save(cfg, resumed)
-        rc = launch_local([sys.executable, "-m", "ragdist.recipes.train_worker", str(resumed)], 2, env=env)
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "resolved.yaml"))
+        cfg["trainer"]["resume"] = "auto"
+        cfg["trainer"]["max_steps"] = state["step"] + 3
+        rc = launch_local(rank_entry, 2, args=(cfg,), env=env)
         assert rc == 0
         summary = json.loads((run_dir / "train_rag.json").read_text())
         assert summary["resumed_from"] == str(found) and summary["steps"] == state["step"] + 3

@@ -75,8 +75,8 @@ def launch_local(
 ) -> int:
     """Run `entry` as `nproc` ranks on this node over loopback with `torch.distributed.launcher`.
 
-    `entry`: a command (list of strings) or a picklable function called with `args` in each rank.
-    Returns 0 when every rank succeeded, 75 (requeue) when the ranks stopped for preemption, else
+    `entry`: a command (list of strings) or a picklable function called with `args` in each rank (a
+    function rank that returns REQUEUE_EXIT_CODE reports a preemption). Returns 0 when every rank succeeded, 75 (requeue) when the ranks stopped for preemption, else
     the status of the rank that failed first; the agent then stops the others (SIGTERM, and SIGKILL
     after `grace_s`). SIGTERM / SIGUSR1 received here are forwarded to every rank, which checkpoint
     and exit with 75.
@@ -92,6 +92,8 @@ def launch_local(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"ragdist-{uuid.uuid4().hex[:8]}",
         rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"rank": 0},
         max_restarts=0, monitor_interval=0.1, local_addr="127.0.0.1", shutdown_timeout=int(grace_s),
+        # The agent handles these itself; SIGTERM and SIGUSR1 stay ours (forwarded, so ranks checkpoint).
+        signals_to_handle="SIGINT,SIGHUP,SIGQUIT",
     )  # fmt: skip
     if callable(entry):
         target: Any = entry
@@ -111,14 +113,16 @@ def launch_local(
                 pass
 
     updates = dict(env or {})
-    # The agent handles these itself; SIGTERM and SIGUSR1 stay ours (forwarded, so ranks checkpoint).
-    updates["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # the agent sets this from `signals_to_handle`; restored afterwards like the rest
+    updates.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", config.signals_to_handle)
     updates.setdefault("MASTER_ADDR", "127.0.0.1")
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         with _environ(updates):
-            elastic_launch(config, target)(*call_args)
-        return 0
+            results = elastic_launch(config, target)(*call_args) or {}
+        # A function rank reports a preemption by returning the requeue status (an exit status would
+        # read as a failure to the agent, which then logs it as one).
+        return REQUEUE_EXIT_CODE if REQUEUE_EXIT_CODE in results.values() else 0
     except ChildFailedError as e:
         _, first = e.get_first_failure()
         codes = {f.exitcode for f in e.failures.values()}

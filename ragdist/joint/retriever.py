@@ -147,6 +147,16 @@ class JointRetriever(nn.Module):
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.cache_size = cache_size
 
+    def cache_state(self) -> dict[str, Any] | None:
+        """The side=query passage-vector cache, in insertion order (None when there is none)."""
+        if self.side != "query":
+            return None
+        keys = list(self._cache)
+        return {"keys": keys, "vectors": torch.stack([self._cache[k] for k in keys]) if keys else torch.zeros(0)}
+
+    def load_cache_state(self, state: dict[str, Any]) -> None:
+        self._cache = OrderedDict(zip(state["keys"], state["vectors"]))
+
     def perturb_query(self, noise: float, seed: int) -> None:
         """Gaussian noise of `noise` × each weight matrix's own std: a deliberately weakened starting
         query encoder, to measure what joint training recovers. Same seed → same weights on every rank."""

@@ -157,12 +157,18 @@ class JointHook(Hook):
         self.before = state.get("recall_before")
 
     def save(self, path: Path, rank: int) -> None:
-        # Every rank holds the same retriever (averaged gradients, same seed): rank 0's copy is the state.
+        path.mkdir(parents=True, exist_ok=True)
+        # side=query: each rank's cache of frozen passage vectors. A vector's last bits depend on the
+        # batch it was first encoded in (padding length), so a resumed run that re-encoded them would
+        # drift from the uninterrupted one; the cache travels with the checkpoint (at most cache_size rows).
+        cache = self.retriever.cache_state()
+        if cache is not None:
+            torch.save(cache, path / f"joint_cache.rank{rank:05d}.pt")
         if rank != 0:
             return
-        path.mkdir(parents=True, exist_ok=True)
+        # Every rank holds the same retriever (averaged gradients, same seed): rank 0's copy is the state.
         opt = self.ropt
-        torch.save({"retriever": {k: v for k, v in self.retriever.state_dict().items()},
+        torch.save({"retriever": dict(self.retriever.state_dict()),
                     "optimizer": opt.opt.state_dict() if opt.opt else None,
                     "scheduler": opt.sched.state_dict() if opt.sched else None}, path / "joint.pt")  # fmt: skip
 
@@ -175,6 +181,9 @@ class JointHook(Hook):
         if self.ropt.opt is not None:
             self.ropt.opt.load_state_dict(state["optimizer"])
             self.ropt.sched.load_state_dict(state["scheduler"])
+        cache = path / f"joint_cache.rank{rank:05d}.pt"
+        if cache.is_file():
+            self.retriever.load_cache_state(torch.load(cache, weights_only=True))
 
     # -- the loop's calls ------------------------------------------------------------------------
     def on_start(self, trainer: Trainer) -> None:

@@ -100,6 +100,13 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
         if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
             store = PassageStore.from_snapshot(cfg.index.snapshot)
     logger = RunLogger(as_object(cfg.logger), cfg.run_dir, enabled=rank == 0, config=None)
+    if "rag" in cfg.trainer.variants:
+        from ragdist.retrieval.cluster import init_ray
+
+        # Before the preemption handler: attaching to Ray installs Ray's own SIGTERM handler, which
+        # would otherwise replace ours and abort the rank instead of checkpointing it.
+        rc = cfg.retrieval
+        init_ray(rc.address or None, num_cpus=rc.ray_num_cpus, namespace=rc.namespace)
     out = []
     with PreemptionHandler() as preempt:
         for variant in cfg.trainer.variants:
@@ -125,10 +132,11 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     return out
 
 
-def rank_entry(plain: dict[str, Any]) -> None:
+def rank_entry(plain: dict[str, Any]) -> int:
     """One rank of `launch_training` (PyTorch's elastic agent calls it in a fresh process).
 
-    Exit status: 0 done, 2 bad input, 75 (REQUEUE_EXIT_CODE) preempted after a checkpoint.
+    Returns 0 when done and 75 (REQUEUE_EXIT_CODE) when preempted after a checkpoint; exits with
+    status 2 on bad input.
     """
     from ragdist.train.preempt import REQUEUE_EXIT_CODE, Preempted
 
@@ -146,8 +154,9 @@ def rank_entry(plain: dict[str, Any]) -> None:
         code = 2
     finally:
         rdist.shutdown()
-    if code:
+    if code == 2:
         sys.exit(code)
+    return code
 
 
 def launch_training(cfg: DictConfig) -> None:
