@@ -35,6 +35,7 @@ from ragdist.recipes.common import (
     log,
     resolve_data_paths,
     setup_logging,
+    tokenizer_data,
 )
 from ragdist.utils import dist as rdist
 
@@ -48,7 +49,7 @@ def prepare(cfg: DictConfig) -> Any:
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
     load_qa_splits(cfg)
-    load_tokenizer(as_object(cfg.model))
+    load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))  # a BPE is trained (and cached) here, once
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
     check_embedder_matches(read_manifest(snapshot), embedder)
@@ -79,7 +80,7 @@ def train_all(cfg: DictConfig) -> list[dict[str, Any]]:
     for variant in cfg.trainer.variants:
         if variant not in ("rag", "closed_book"):
             raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
-    tokenizer = load_tokenizer(as_object(cfg.model))
+    tokenizer = load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
     train, _ = load_qa_splits(cfg)
     trainer = as_object(cfg.trainer)
     client = store = None
