@@ -40,7 +40,8 @@ class TokenizerData:
     corpus_format: str = "auto"  # as corpus.format: auto | jsonl | parquet
 
 
-def _texts(data: TokenizerData) -> Iterator[str]:
+def training_texts(data: TokenizerData) -> Iterator[str]:
+    """Titles and passages of the corpus, then questions and answers of the QA files."""
     from ragdist.data.corpus import load_documents
     from ragdist.data.qa import load_qa
 
@@ -114,7 +115,7 @@ def bpe_tokenizer(data: TokenizerData, vocab_size: int, cache_dir: str | Path) -
 
     out = Path(cache_dir) / f"bpe-{cache_key(data, vocab_size)}"
     if not (out / "tokenizer.json").is_file():
-        tok = train_bpe(_texts(data), vocab_size)
+        tok = train_bpe(training_texts(data), vocab_size)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
         try:
