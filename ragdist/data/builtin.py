@@ -1,4 +1,4 @@
-"""The built-in dataset: airport records from the `airportsdata` package turned into passages and QA.
+"""The built-in datasets: `airports` (here) and `elements` (ragdist/data/elements.py), as passages and QA.
 
 Each airport becomes one passage; questions about its codes, city and elevation have answers that
 appear verbatim in that passage. Train and eval are split by airport, so an eval question is about
@@ -11,8 +11,10 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from ragdist.data import elements
 from ragdist.data.qa import DataConfig
 from ragdist.errors import DataError
 
@@ -69,39 +71,62 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def write_airports(out_dir: str | Path, num_entities: int, eval_fraction: float, seed: int) -> dict[str, str]:
+def write_splits(
+    out_dir: str | Path, entities: list[tuple[list[dict], list[dict]]], eval_fraction: float
+) -> dict[str, str]:
+    """corpus.jsonl + train.jsonl + eval.jsonl from (passages, questions) per entity, in the order given.
+
+    The first `eval_fraction` of the entities go to eval, the rest to train: no entity has questions
+    on both sides, so an eval answer was never a training target.
+    """
     if not 0 < eval_fraction < 1:
         raise DataError(f"data.eval_fraction={eval_fraction}: must be between 0 and 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    airports = _airports(seed, num_entities)
-    n_eval = max(1, int(round(len(airports) * eval_fraction)))
+    n_eval = max(1, int(round(len(entities) * eval_fraction)))
     corpus, train, evals = [], [], []
-    for i, a in enumerate(airports):
-        doc_id = f"airport-{a['iata']}"
-        corpus.append(
-            {
-                "id": doc_id,
-                "title": a["name"],
-                "text": _passage(a),
-                "source": "airportsdata",
-                "meta": {"country": a.get("country") or "", "tz": a.get("tz") or ""},
-            }
-        )
-        (evals if i < n_eval else train).extend(_questions(a, doc_id))
+    for i, (docs, questions) in enumerate(entities):
+        corpus.extend(docs)
+        (evals if i < n_eval else train).extend(questions)
     paths = {"corpus": out / "corpus.jsonl", "train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     for key, rows in (("corpus", corpus), ("train", train), ("eval", evals)):
         _write_jsonl(paths[key], rows)
     return {k: str(v) for k, v in paths.items()}
 
 
+def write_airports(out_dir: str | Path, num_entities: int, eval_fraction: float, seed: int) -> dict[str, str]:
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"data.eval_fraction={eval_fraction}: must be between 0 and 1")
+    entities = []
+    for a in _airports(seed, num_entities):
+        doc_id = f"airport-{a['iata']}"
+        doc = {
+            "id": doc_id,
+            "title": a["name"],
+            "text": _passage(a),
+            "source": "airportsdata",
+            "meta": {"country": a.get("country") or "", "tz": a.get("tz") or ""},
+        }
+        entities.append(([doc], _questions(a, doc_id)))
+    return write_splits(out_dir, entities, eval_fraction)
+
+
+# name -> (format version, writer): a change to what a writer produces bumps its version, so the
+# files cached under data.builtin_dir for the old format are not reused.
+BUILTINS: dict[str, tuple[int, Callable[..., dict[str, str]]]] = {
+    "airports": (FORMAT_VERSION, write_airports),
+    "elements": (elements.FORMAT_VERSION, elements.write_elements),
+}
+
+
 def materialize(cfg: DataConfig) -> dict[str, str]:
     """Write (or reuse) the built-in dataset for these parameters; return its file paths."""
-    if cfg.builtin != "airports":
-        raise DataError(f"data.builtin={cfg.builtin!r}: the only built-in dataset is 'airports'")
-    tag = f"airports-v{FORMAT_VERSION}-n{cfg.num_entities}-e{cfg.eval_fraction}-s{cfg.seed}"
+    if cfg.builtin not in BUILTINS:
+        raise DataError(f"data.builtin={cfg.builtin!r}: the built-in datasets are {', '.join(sorted(BUILTINS))}")
+    version, write = BUILTINS[cfg.builtin]
+    tag = f"{cfg.builtin}-v{version}-n{cfg.num_entities}-e{cfg.eval_fraction}-s{cfg.seed}"
     out = Path(cfg.builtin_dir) / tag
     paths = {k: str(out / f"{k}.jsonl") for k in ("corpus", "train", "eval")}
     if all(Path(p).is_file() for p in paths.values()):
         return paths
-    return write_airports(out, cfg.num_entities, cfg.eval_fraction, cfg.seed)
+    return write(out, cfg.num_entities, cfg.eval_fraction, cfg.seed)

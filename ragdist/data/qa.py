@@ -16,9 +16,9 @@ class DataConfig:
     # QA JSONL files; empty means the built-in dataset.
     train: str = ""
     eval: str = ""
-    builtin: str = "airports"  # which built-in dataset to materialize when paths are empty
+    builtin: str = "airports"  # which built-in dataset to materialize when paths are empty: airports | elements
     builtin_dir: str = "data/builtin"  # where it is written (cached by its parameters)
-    num_entities: int = 2000  # built-in: how many entities (airports)
+    num_entities: int = 2000  # built-in: how many entities (airports, or elements: at most 118)
     eval_fraction: float = 0.15  # built-in: share of entities held out for eval
     max_train: int | None = None
     max_eval: int | None = 300

@@ -42,6 +42,13 @@ def resolve_data_paths(cfg: DictConfig) -> None:
         cfg.data.eval = paths["eval"]
 
 
+def tokenizer_data(cfg: DictConfig) -> Any:
+    """What `model.tokenizer=bpe` trains on: the corpus and the training QA (never the eval QA)."""
+    from ragdist.train.tokenizer import TokenizerData
+
+    return TokenizerData(corpus=cfg.corpus.path, qa=[cfg.data.train], corpus_format=cfg.corpus.format)
+
+
 def load_qa_splits(cfg: DictConfig) -> tuple[list[QAExample], list[QAExample]]:
     train = load_qa(cfg.data.train, cfg.data.max_train)
     evals = load_qa(cfg.data.eval, cfg.data.max_eval)

@@ -40,12 +40,13 @@ def _base_description(cfg: DictConfig) -> str:
 
 def _model_loader(cfg: DictConfig) -> Any:
     from ragdist.eval.compare import BASE
+    from ragdist.recipes.common import tokenizer_data
     from ragdist.train.model import build_generator, load_generator, load_tokenizer
 
     def load(ref: str) -> tuple[Any, Any]:
         if ref == BASE:
             mcfg = as_object(cfg.model)
-            tokenizer = load_tokenizer(mcfg)
+            tokenizer = load_tokenizer(mcfg, tokenizer_data(cfg))
             return build_generator(mcfg, tokenizer).eval(), tokenizer
         return load_generator(ref)
 
@@ -317,7 +318,12 @@ def train_missing(cfg: DictConfig, missing: list[str]) -> dict[str, str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ragdist.embed import build_embedder
     from ragdist.index.snapshot import read_manifest
-    from ragdist.recipes.common import build_or_reuse_index, check_embedder_matches, resolve_data_paths
+    from ragdist.recipes.common import (
+        build_or_reuse_index,
+        check_embedder_matches,
+        resolve_data_paths,
+        tokenizer_data,
+    )
     from ragdist.retrieval.client import start_service
     from ragdist.train.model import load_tokenizer
 
@@ -349,7 +355,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         resolve_joint(as_object(cfg.eval), as_object(cfg.embedder))
     if missing or base:
-        load_tokenizer(as_object(cfg.model))
+        load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
     check_embedder_matches(read_manifest(snapshot), embedder)

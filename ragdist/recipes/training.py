@@ -26,6 +26,7 @@ from ragdist.recipes.common import (
     log,
     resolve_data_paths,
     setup_logging,
+    tokenizer_data,
 )
 
 VARIANTS = ("rag", "closed_book")
@@ -43,7 +44,7 @@ def prepare(cfg: DictConfig) -> Any:
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
     load_qa_splits(cfg)
-    load_tokenizer(as_object(cfg.model))
+    load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))  # a BPE is trained (and cached) here, once
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
     check_embedder_matches(read_manifest(snapshot), embedder)
@@ -87,7 +88,7 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
 
     rank = rdist.rank()
     torch.set_num_threads(max(1, cfg.trainer.omp_threads))
-    tokenizer = load_tokenizer(as_object(cfg.model))
+    tokenizer = load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
     train, evals = load_qa_splits(cfg)
     trainer = as_object(cfg.trainer)
     joint = as_object(cfg.joint)

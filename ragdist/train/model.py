@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragdist.errors import ConfigError
+from ragdist.train.tokenizer import TokenizerData, bpe_tokenizer
 
 IGNORE = -100
 
@@ -22,8 +23,12 @@ IGNORE = -100
 class ModelConfig:
     # Local dir or hub id of a causal LM; "" = build `arch` from the sizes below (random init).
     name_or_path: str = ""
-    # Tokenizer for a model built from config: "minilm" = the one shipped with the offline embedder.
+    # Tokenizer for a model built from config: "minilm" = the one shipped with the offline embedder
+    # (uncased WordPiece: "1,495" decodes as "1, 495"); "bpe" = a lossless byte-level BPE trained on
+    # the run's corpus and training QA (ragdist/train/tokenizer.py); or any HF tokenizer path.
     tokenizer: str = "minilm"
+    bpe_vocab_size: int = 8000
+    bpe_cache_dir: str = "data/tokenizers"  # trained BPEs, keyed by their inputs
     arch: str = "llama"
     hidden_size: int = 128
     num_layers: int = 2
@@ -36,10 +41,18 @@ class ModelConfig:
     seed: int = 0
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig, data: TokenizerData | None = None) -> Any:
+    """The generator's tokenizer: the model's own, else `cfg.tokenizer`.
+
+    `model.tokenizer=bpe` trains (or reuses) a BPE on `data`, which the caller must then give.
+    """
     from transformers import AutoTokenizer
 
     src = cfg.name_or_path or cfg.tokenizer
+    if src == "bpe":
+        if data is None:
+            raise ConfigError("model.tokenizer=bpe: the tokenizer is trained on the corpus and QA, but none were given")
+        return bpe_tokenizer(data, cfg.bpe_vocab_size, cfg.bpe_cache_dir)
     if src == "minilm":
         from ragdist.embed.embedder import resolve_model_path
 
