@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 # second `ninja` ahead of the venv's, DeepSpeed rebuilds its C++ ops whenever the two alternate.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test demo joint-demo compare lint bench clean
+.PHONY: install test demo joint-demo compare lint bench gpu-check clean
 
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,15 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/retrieval.py
+
+# On a machine with a CUDA GPU, in at most 8 minutes: faiss-gpu in place of faiss-cpu if missing, the
+# GPU-marked tests, ZeRO-3 bf16 training, a sharded evaluation, shards vs in-process faiss-gpu, the Triton
+# kernels; one JSON line of figures (also runs/gpu-check/result.json). Without a GPU: why, and exit 0.
+# No `install` prerequisite: its [cpu] extra would put faiss-cpu back beside faiss-gpu. Only a GPU
+# machine without a venv gets one, with the [gpu] extra.
+gpu-check:
+	@if [ ! -x $(BIN)/python ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then $(MAKE) install EXTRAS=gpu,dev; fi
+	launch/gpu_check.sh
 
 clean:
 	rm -rf runs outputs multirun indexes data/builtin wandb

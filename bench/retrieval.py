@@ -12,6 +12,10 @@ service probes the same lists as the single index and returns the same neighbour
 
     python bench/retrieval.py                      # 200k x 384, k=10, batches 16,64,256,1024
     python bench/retrieval.py --nb 50000 --repeats 3 --no-ivf
+    python bench/retrieval.py --device gpu --flat-backend faiss --flat-dtype fp32 --no-ivf   # faiss-gpu, both sides
+
+With `--device gpu`, (a) is the same index moved to the GPU (faiss-gpu) and the shard actors take the
+GPUs too (`retrieval.device=gpu`, as many shards per GPU as needed to fit them all).
 
 The last line printed is one JSON object.
 """
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--target-recall", type=float, default=0.9)
     ap.add_argument("--no-ivf", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                    help="gpu: in-process faiss-gpu vs shard actors on the GPU(s)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ragdist.data.corpus import Chunk
     from ragdist.index.builder import IndexConfig, build_snapshot
+    from ragdist.index.reader import faiss_gpus, to_gpu
     from ragdist.retrieval.client import stop_service
     from ragdist.retrieval.cluster import init_ray
 
@@ -135,15 +142,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# nb={args.nb} d={args.d} k={args.k} cores={cores} faiss={faiss.__version__} "
           f"loadavg={os.getloadavg()[0]:.2f}", flush=True)
 
+    gpus = faiss_gpus()
+    if args.device == "gpu" and not gpus:
+        raise SystemExit("--device gpu: faiss sees no GPU (install the [gpu] extra, faiss-gpu-cu12)")
     init_ray(num_cpus=cores)
     base = dict(threads_per_shard=1, replicas=1, flat_backend=args.flat_backend, check_every_s=args.check_every_s,
-                cache_size=0, timeout_s=600, attempt_timeout_s=600)
+                cache_size=0, timeout_s=600, attempt_timeout_s=600, device=args.device)
+    if args.device == "gpu":
+        base["shards_per_gpu"] = -(-args.shards // gpus)  # every shard placed, none waiting for a GPU
     dtypes = ["fp32", "bf16"] if args.flat_dtype == "both" else [args.flat_dtype]
     result: dict = {"nb": args.nb, "d": args.d, "k": args.k, "shards": args.shards, "cores": cores,
-                    "flat_backend": args.flat_backend, "repeats": args.repeats}
+                    "flat_backend": args.flat_backend, "repeats": args.repeats, "device": args.device}
     with tempfile.TemporaryDirectory(prefix="ragdist-bench-") as tmp:
         flat = faiss.IndexFlatIP(args.d)
         flat.add(xb)
+        if args.device == "gpu":
+            flat = to_gpu(flat, 0)
         t0 = time.perf_counter()
         snap = build_snapshot(chunks, xb, IndexConfig(num_shards=args.shards, root=f"{tmp}/flat"), embedder_name="rand")
         result["snapshot_build_s"] = round(time.perf_counter() - t0, 1)
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             info = services[dt][1].metrics(replicas=True)
             result[f"shard_backends_{dt}"] = [r.get("backend") for r in info["replicas"]]
             result[f"shard_calibration_{dt}"] = [r.get("calibration") for r in info["replicas"]]
+            result[f"shard_devices_{dt}"] = [r.get("device") for r in info["replicas"]]
             stop_service(services[dt][0])
         del flat
 

@@ -4,11 +4,13 @@ Builds seeded, L2-normalised random vectors, measures the median QPS of both ind
 batch size (measurements interleaved, so load drift on a shared machine hits both alike), checks
 that the returned ids are identical, and measures the machine's fp32 GEMM rate (torch.mm of the
 search shape and of a large square, max of the two) to express our throughput as a fraction of it.
-With CUDA, the GPU path is also timed (and faiss.GpuIndexFlatIP when faiss has GPUs).
+With CUDA, the GPU path is also timed (and faiss.GpuIndexFlatIP when faiss has GPUs); when that path
+is the Triton kernel, the torch-on-CUDA reference scan is timed beside it, id for id.
 
 The last line printed is one JSON object with the figures.
 
     python bench/search.py --nb 200000 --d 384 --k 10 --batches 16,64,256,1024 --repeats 5
+    python bench/search.py --gpu-only --nb 1000000 --db-dtype fp32   # CUDA only: Triton vs torch vs faiss-gpu
 """
 
 from __future__ import annotations
@@ -96,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--block-size", type=int, default=0, help="0 = tuned default")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores (torch and faiss)")
     ap.add_argument("--no-fp32-path", action="store_true", help="skip timing our fp32 path alongside")
+    ap.add_argument("--gpu-only", action="store_true", help="only the CUDA section (needs a GPU)")
     args = ap.parse_args(argv)
+    if args.gpu_only and not torch.cuda.is_available():
+        raise SystemExit("--gpu-only: torch sees no CUDA GPU")
 
     import faiss
 
@@ -118,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     for bs in batches:
         q = rng.standard_normal((bs, args.d), dtype=np.float32)
         queries[bs] = q / np.linalg.norm(q, axis=1, keepdims=True)
+
+    if args.gpu_only:
+        result = {"gpu": _gpu_section(args, xb, queries, batches), "loadavg_1m": round(os.getloadavg()[0], 2)}
+        print(json.dumps(result))
+        return result
 
     ref = faiss.IndexFlatIP(args.d)
     ref.add(xb)
@@ -210,9 +220,15 @@ def _gpu_section(args, xb, queries, batches) -> dict:
 
     from ragdist.kernels import TorchFlatIP, select_backend
 
-    out: dict = {"backend": select_backend("cuda"), "qps": {}, "faiss_gpu_qps": {}}
+    out: dict = {"backend": select_backend("cuda"), "qps": {}, "faiss_gpu_qps": {}, "db_dtype": args.db_dtype}
     ours = TorchFlatIP(args.d, db_dtype=args.db_dtype, device="cuda")
     ours.add(xb)
+    # The Triton kernel's reference: the same search as blocked torch GEMM + topk on the GPU.
+    torch_ref = None
+    if out["backend"] == "triton":
+        torch_ref = TorchFlatIP(args.d, db_dtype=args.db_dtype, device="torch-cuda")
+        torch_ref.add(xb)
+        out.update(torch_cuda_qps={}, triton_speedup_vs_torch={}, id_mismatches_vs_torch_cuda=0)
     gpu_ref = None
     if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         res = faiss.StandardGpuResources()
@@ -225,12 +241,19 @@ def _gpu_section(args, xb, queries, batches) -> dict:
         if gpu_ref is not None:
             fns["faiss_gpu"] = lambda q=q: gpu_ref.search(q, args.k)
             mism += int((ours.search(q, args.k)[1] != gpu_ref.search(q, args.k)[1]).sum())
+        if torch_ref is not None:
+            fns["torch_cuda"] = lambda q=q: torch_ref.search(q, args.k)
+            out["id_mismatches_vs_torch_cuda"] += int((ours.search(q, args.k)[1] != torch_ref.search(q, args.k)[1]).sum())
         t = _interleaved(fns, args.repeats)
         out["qps"][str(bs)] = round(bs / t["ours"], 1)
+        if torch_ref is not None:
+            out["torch_cuda_qps"][str(bs)] = round(bs / t["torch_cuda"], 1)
+            out["triton_speedup_vs_torch"][str(bs)] = round(t["torch_cuda"] / t["ours"], 3)
         if gpu_ref is not None:
             out["faiss_gpu_qps"][str(bs)] = round(bs / t["faiss_gpu"], 1)
         print(
-            f"[gpu] batch {bs:5d}: ours {bs / t['ours']:10.1f} qps"
+            f"[gpu] batch {bs:5d}: ours[{out['backend']}] {bs / t['ours']:10.1f} qps"
+            + (f" | torch-cuda {bs / t['torch_cuda']:10.1f} qps" if torch_ref is not None else "")
             + (f" | faiss-gpu {bs / t['faiss_gpu']:10.1f} qps" if gpu_ref is not None else "")
         )
     out["id_mismatches_vs_faiss_gpu"] = mism if gpu_ref is not None else None

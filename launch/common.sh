@@ -29,6 +29,28 @@ with_run_dir() {
   RUN_ARGS+=("hydra.run.dir=$RUN_DIR")
 }
 
+# node_gpus → how many GPUs this node's SLURM step may use: SLURM_GPUS_ON_NODE, else the entries of
+# CUDA_VISIBLE_DEVICES (SLURM sets it from the allocation), else 0.
+node_gpus() {
+  if [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
+    echo "$SLURM_GPUS_ON_NODE"
+    return 0
+  fi
+  local visible=${CUDA_VISIBLE_DEVICES:-}
+  if [ -z "$visible" ] || [ "$visible" = NoDevFiles ]; then
+    echo 0
+    return 0
+  fi
+  local ids
+  IFS=, read -r -a ids <<<"$visible"
+  echo "${#ids[@]}"
+}
+
+# ray_gpus SETTING → the GPUs a Ray node started here offers: SETTING itself, or node_gpus for "auto".
+ray_gpus() {
+  if [ "${1:-0}" = auto ]; then node_gpus; else echo "${1:-0}"; fi
+}
+
 # On a machine without CUDA, DeepSpeed runs CPU ranks over gloo: say so rather than let it guess,
 # and keep each rank to one OpenMP thread (more only oversubscribes the cores the ranks share).
 if ! { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then

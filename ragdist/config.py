@@ -75,18 +75,24 @@ def register_configs() -> None:
 def validate_keys(cfg: Any, schema: type = RunConfig, where: str = "") -> None:
     """Refuse keys the schema does not have, even ones forced in with Hydra's `+key=value`."""
     import dataclasses
+    import typing
 
     from ragdist.errors import ConfigError
 
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:  # an annotation that does not resolve: check this level only
+        hints = {}
     for key in cfg.keys():
         if key == "hydra" and not where:
             continue
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{where}{key}' (known keys here: {known})")
-        sub = GROUPS.get(key) if not where else None
-        if sub is not None and isinstance(cfg[key], DictConfig):
+        # Nested schemas too (corpus.fields.*): `+` would otherwise slip a typo past them.
+        sub = GROUPS.get(key) if not where else hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(cfg[key], DictConfig):
             validate_keys(cfg[key], sub, f"{where}{key}.")
 
 

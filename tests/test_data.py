@@ -1,14 +1,23 @@
+import datetime
+import gzip
 import json
+import logging
 
 import pytest
 
 from ragdist.data.builtin import materialize, write_airports
-from ragdist.data.corpus import chunk_documents, load_documents
+from ragdist.data.corpus import CorpusFields, chunk_documents, load_documents, path_digest
 from ragdist.data.elements import write_elements
-from ragdist.data.qa import DataConfig, QAExample, check_disjoint, load_qa
+from ragdist.data.qa import DataConfig, QAExample, QAFields, check_disjoint, check_gold_ids, load_qa
 from ragdist.errors import DataError
 from ragdist.index.snapshot import read_manifest
 from tests.conftest import run_cli
+
+DOCS = [{"id": "a", "text": "alpha text", "title": "A"}, {"id": "b", "text": "beta text", "title": "B"}]
+QA = [
+    {"id": "q1", "question": "What is alpha?", "answers": ["alpha"], "gold_ids": ["a#0"]},
+    {"id": "q2", "question": "What is beta?", "answers": ["beta"], "gold_ids": ["b"]},
+]
 
 
 def write(path, lines):
@@ -93,7 +102,7 @@ def test_qa_loading_and_errors(tmp_path):
     (ex,) = load_qa(p)
     assert ex.answers == ["a"] and ex.gold_ids == ["d#0"]
     bad = write(tmp_path / "b.jsonl", ['{"question": "q?", "answers": ["a"]}', '{"question": "q2?", "answers": []}'])
-    with pytest.raises(DataError, match=r"b\.jsonl:2: 'answers'"):
+    with pytest.raises(DataError, match=r"b\.jsonl:2: key 'answers': expected a non-empty list"):
         load_qa(bad)
 
 
@@ -189,3 +198,250 @@ def test_index_cli_builds_the_elements_dataset(tmp_path):
     manifest = read_manifest(snapshot)
     assert len(manifest["shards"]) == 2 and sum(int(s["count"]) for s in manifest["shards"]) >= 236
     assert (tmp_path / "data" / "elements-v1-n118-e0.2-s0" / "eval.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- formats
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def save_dataset(path, rows):
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def jsonl_bytes(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def summary(docs):
+    return [(d.id, d.text, d.title) for d in docs]
+
+
+EXPECTED_DOCS = [("a", "alpha text", "A"), ("b", "beta text", "B")]
+
+
+def test_jsonl_gz(tmp_path):
+    p = tmp_path / "c.jsonl.gz"
+    p.write_bytes(gzip.compress(jsonl_bytes(DOCS)))
+    assert summary(load_documents(p)) == EXPECTED_DOCS
+    q = tmp_path / "q.jsonl.gz"
+    q.write_bytes(gzip.compress(jsonl_bytes(QA)))
+    assert [(e.id, e.gold_ids) for e in load_qa(q)] == [("q1", ["a#0"]), ("q2", ["b"])]
+
+
+def test_gzip_detected_from_bytes_and_truncation_named(tmp_path):
+    # gzip'd content under a plain .jsonl name still reads: compression comes from the bytes
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(gzip.compress(jsonl_bytes(DOCS * 1)))
+    assert summary(load_documents(p)) == EXPECTED_DOCS
+    bad = tmp_path / "t.jsonl.gz"
+    data = gzip.compress(jsonl_bytes([{"id": str(i), "text": "x" * 50 + str(i)} for i in range(200)]))
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"t\.jsonl\.gz:\d+: cannot decompress"):
+        load_documents(bad)
+
+
+def test_utf8_bom(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(DOCS))
+    assert summary(load_documents(p)) == EXPECTED_DOCS
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(QA))
+    assert [e.question for e in load_qa(q)] == ["What is alpha?", "What is beta?"]
+
+
+def test_parquet_qa_and_timestamp_column(tmp_path):
+    q = write_parquet(tmp_path / "q.parquet", QA)
+    assert [(e.id, e.answers, e.gold_ids) for e in load_qa(q)] == [("q1", ["alpha"], ["a#0"]), ("q2", ["beta"], ["b"])]
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    c = write_parquet(tmp_path / "c.parquet", [{"id": 7, "text": "t", "timestamp": when}])
+    (doc,) = load_documents(c)
+    assert doc.id == "7" and doc.timestamp == when.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def test_datasets_save_to_disk_dir(tmp_path):
+    c = save_dataset(tmp_path / "corpus_ds", [dict(d, meta=json.dumps({"k": 1})) for d in DOCS])
+    docs = load_documents(c)
+    assert summary(docs) == EXPECTED_DOCS and docs[0].meta == {"k": 1}
+    q = save_dataset(tmp_path / "qa_ds", QA)
+    assert [(e.id, e.gold_ids) for e in load_qa(q)] == [("q1", ["a#0"]), ("q2", ["b"])]
+    # the digest that keys index snapshots covers a directory's files
+    d1 = path_digest(c)
+    save_dataset(tmp_path / "corpus_ds2", [dict(d, text=d["text"] + "!") for d in DOCS])
+    assert d1 == path_digest(c) != path_digest(tmp_path / "corpus_ds2")
+
+
+def test_datasets_dict_one_split_or_refused(tmp_path):
+    import datasets
+
+    one = tmp_path / "one"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(DOCS)}).save_to_disk(str(one))
+    assert summary(load_documents(one)) == EXPECTED_DOCS
+    two = tmp_path / "two"
+    split = datasets.Dataset.from_list(DOCS)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(two))
+    with pytest.raises(DataError, match=r"splits \['train', 'test'\]; point the path at one split"):
+        load_documents(two)
+    assert summary(load_documents(two / "test")) == EXPECTED_DOCS
+
+
+def test_format_errors_name_path_and_key(tmp_path):
+    (tmp_path / "c.csv").write_text("id,text\n")
+    with pytest.raises(DataError, match=r"c\.csv: cannot tell the format.*corpus\.format=jsonl\|parquet\|datasets"):
+        load_documents(tmp_path / "c.csv")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not a `datasets` save_to_disk one"):
+        load_documents(tmp_path / "plain")
+    with pytest.raises(DataError, match="corpus.format='csv'"):
+        load_documents(tmp_path / "c.csv", fmt="csv")
+    with pytest.raises(DataError, match="data.format='tsv'"):
+        load_qa(tmp_path / "c.csv", fmt="tsv")
+    # an explicit format overrides the extension
+    p = tmp_path / "corpus.txt"
+    p.write_bytes(jsonl_bytes(DOCS))
+    assert summary(load_documents(p, fmt="jsonl")) == EXPECTED_DOCS
+
+
+# ---------------------------------------------------------------- column mapping
+
+
+def test_corpus_column_mapping(tmp_path):
+    rows = [{"doc_id": 1, "body": "alpha text", "name": "A", "when": 10, "extra": {"x": 1}}]
+    fields = CorpusFields(id="doc_id", text="body", title="name", timestamp="when", meta="extra")
+    for path in (write(tmp_path / "c.jsonl", [json.dumps(r) for r in rows]), write_parquet(tmp_path / "c.parquet", rows),
+                 save_dataset(tmp_path / "c_ds", rows)):
+        (doc,) = load_documents(path, fields=fields)
+        assert (doc.id, doc.text, doc.title, doc.timestamp, doc.meta) == ("1", "alpha text", "A", 10.0, {"x": 1})
+    # default names: each format says which key or column is missing and which config key maps it
+    with pytest.raises(DataError, match=r"c\.jsonl:1: no key 'id' \(set corpus\.fields\.id .*keys here: doc_id, body"):
+        load_documents(tmp_path / "c.jsonl")
+    with pytest.raises(DataError, match=r"c\.parquet: no column 'text' \(set corpus\.fields\.text .*columns here: doc_id, body"):
+        load_documents(tmp_path / "c.parquet", fields=CorpusFields(id="doc_id"))
+    with pytest.raises(DataError, match=r"c_ds: no column 'id' \(set corpus\.fields\.id"):
+        load_documents(tmp_path / "c_ds")
+
+
+def test_qa_column_mapping(tmp_path):
+    rows = [{"qid": "x1", "prompt": "Where?", "targets": ["here"], "positives": ["a#0", "b"]}]
+    fields = QAFields(id="qid", question="prompt", answers="targets", gold_ids="positives")
+    for path in (write(tmp_path / "q.jsonl", [json.dumps(r) for r in rows]), write_parquet(tmp_path / "q.parquet", rows),
+                 save_dataset(tmp_path / "q_ds", rows)):
+        (ex,) = load_qa(path, fields=fields)
+        assert (ex.id, ex.question, ex.answers, ex.gold_ids) == ("x1", "Where?", ["here"], ["a#0", "b"])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: no key 'question' \(set data\.fields\.question"):
+        load_qa(tmp_path / "q.jsonl")
+    with pytest.raises(DataError, match=r"q_ds: row 0: no answers \(key 'answers'\)"):
+        load_qa(tmp_path / "q_ds", fields=QAFields(question="prompt"))
+
+
+def test_config_fields_reach_the_readers(tmp_path):
+    from ragdist.config import compose
+    from ragdist.recipes.common import load_qa_file
+
+    q = write_parquet(tmp_path / "q.parquet", [{"prompt": "Where?", "answers": ["here"]}])
+    cfg = compose(["data.fields.question=prompt"])
+    (ex,) = load_qa_file(cfg, str(q))
+    assert ex.question == "Where?" and ex.id == "q-0"
+
+
+# ---------------------------------------------------------------- wrong types
+
+
+def test_wrong_types_named_with_file_row_and_key(tmp_path):
+    p = write(tmp_path / "c.jsonl", [json.dumps(DOCS[0]), json.dumps({"id": "b", "text": 5})])
+    with pytest.raises(DataError, match=r"c\.jsonl:2: key 'text': expected a string, got int$"):
+        load_documents(p)
+    p = write_parquet(tmp_path / "corpus.parquet", [{"id": "a", "text": 1}, {"id": "b", "text": 3}])
+    with pytest.raises(DataError, match=r"corpus\.parquet: row 0: key 'text': expected a string, got int$"):
+        load_documents(p)
+    d = save_dataset(tmp_path / "c_ds", [{"id": 1.5, "text": "x"}])
+    with pytest.raises(DataError, match=r"c_ds: row 0: key 'id': expected a string or an integer, got float$"):
+        load_documents(d)
+    p = write(tmp_path / "m.jsonl", [json.dumps(DOCS[0]), json.dumps(DOCS[1]), json.dumps({"id": "c", "text": "x", "meta": [1]})])
+    with pytest.raises(DataError, match=r"m\.jsonl:3: key 'meta': expected an object, got list$"):
+        load_documents(p)
+    p = write(tmp_path / "t.jsonl", [json.dumps({"id": "a", "text": "x", "timestamp": "yesterday"})])
+    with pytest.raises(DataError, match=r"t\.jsonl:1: key 'timestamp': expected a number \(unix seconds\), got str$"):
+        load_documents(p)
+    p = write(tmp_path / "n.jsonl", [json.dumps({"id": "a", "text": "x", "title": 3})])
+    with pytest.raises(DataError, match=r"n\.jsonl:1: key 'title': expected a string, got int$"):
+        load_documents(p)
+
+
+def test_qa_wrong_types_named(tmp_path):
+    p = write_parquet(tmp_path / "q.parquet", [{"question": 7, "answers": ["a"]}])
+    with pytest.raises(DataError, match=r"q\.parquet: row 0: key 'question': expected a string, got int$"):
+        load_qa(p)
+    p = write(tmp_path / "q.jsonl", [json.dumps(QA[0]), json.dumps({"question": "q?", "answers": ["a", 2]})])
+    with pytest.raises(DataError, match=r"q\.jsonl:2: key 'answers\[1\]': expected a string, got int$"):
+        load_qa(p)
+    p = save_dataset(tmp_path / "q_ds", [{"question": "q?", "answers": ["a"], "gold_ids": [[1.0]]}])
+    with pytest.raises(DataError, match=r"q_ds: row 0: key 'gold_ids\[0\]': expected a string or an integer, got list$"):
+        load_qa(p)
+    p = write(tmp_path / "g.jsonl", [json.dumps({"question": "q?", "answers": ["a"], "gold_ids": {"a": 1}})])
+    with pytest.raises(DataError, match=r"g\.jsonl:1: key 'gold_ids': expected a list of passage or document ids, got dict$"):
+        load_qa(p)
+
+
+# ---------------------------------------------------------------- gold ids against the index
+
+
+def test_gold_ids_unmatched_warn_with_count(caplog):
+    examples = [QAExample("1", "q1", ["a"], ["a#0"]), QAExample("2", "q2", ["b"], ["b"]),
+                QAExample("3", "q3", ["c"], ["zz#0", "yy"]), QAExample("4", "q4", ["d"], [])]
+    with caplog.at_level(logging.WARNING, logger="ragdist"):
+        assert check_gold_ids(examples, iter(["a#0", "a#1", "b#0", "b#1"]), "eval.jsonl") == 2
+    (rec,) = [r for r in caplog.records if "gold ids" in r.getMessage()]
+    msg = rec.getMessage()
+    assert msg.startswith("eval.jsonl: 2 of 4 gold ids match no passage or document id") and "'yy', 'zz#0'" in msg
+    assert "1 question(s) have no gold passage" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ragdist"):
+        assert check_gold_ids(examples[:2], ["a#0", "b#3"], "eval.jsonl") == 0
+        assert check_gold_ids([QAExample("5", "q", ["a"])], [], "eval.jsonl") == 0  # no labels: nothing to check
+    assert not caplog.records
+
+
+def test_gold_ids_matching_nothing_is_an_error():
+    examples = [QAExample("1", "q1", ["a"], ["doc-1#0"]), QAExample("2", "q2", ["b"], ["doc-2"])]
+    with pytest.raises(DataError, match=r"eval\.parquet: none of the 2 gold ids matches a passage or document id"):
+        check_gold_ids(examples, ["airport-A#0", "airport-B#0"], "eval.parquet")
+
+
+def test_gold_ids_checked_against_a_real_snapshot(tiny_snapshot):
+    from ragdist.index.reader import iter_passage_ids
+    from tests.conftest import DATA
+
+    ids = list(iter_passage_ids(tiny_snapshot))
+    assert len(ids) == len(set(ids)) > 0 and all("#" in i for i in ids)
+    evals = load_qa(DATA / "eval.jsonl")
+    assert check_gold_ids(evals, iter_passage_ids(tiny_snapshot), "eval.jsonl") == 0
+    stale = [QAExample(e.id, e.question, e.answers, [g.replace("airport-", "apt-") for g in e.gold_ids]) for e in evals]
+    with pytest.raises(DataError, match="none of the"):
+        check_gold_ids(stale, iter_passage_ids(tiny_snapshot), "eval.jsonl")
+
+
+def test_index_cli_reads_a_mapped_datasets_dir(tmp_path):
+    from tests.conftest import DATA, run_cli
+
+    rows = [{"doc_id": d.id, "body": d.text, "title": d.title} for d in load_documents(DATA / "corpus.jsonl")[:12]]
+    ds = save_dataset(tmp_path / "ds", rows)
+    args = ["ragdist-index", f"corpus.path={ds}", f"data.train={DATA / 'train.jsonl'}", f"data.eval={DATA / 'eval.jsonl'}",
+            f"index.root={tmp_path / 'idx'}"]
+    first = run_cli([*args, "corpus.fields.id=doc_id", "corpus.fields.text=body"], timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli([*args, "corpus.fields.id=doc_id", "corpus.fields.text=body"], timeout=300)
+    assert second.returncode == 0 and "reusing snapshot" in second.stderr
+    assert first.stdout.strip().splitlines()[-1] == second.stdout.strip().splitlines()[-1]
+    unmapped = run_cli(args, timeout=300)
+    assert unmapped.returncode == 2
+    assert f"ragdist: error: {ds}: no column 'id' (set corpus.fields.id" in unmapped.stderr

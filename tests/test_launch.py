@@ -97,6 +97,35 @@ def test_slurm_env_becomes_torch_env():
         tasks_on_node("2(x2", 0)
 
 
+def _node_gpus(setting: str, **env: str) -> str:
+    """launch/common.sh's count of the GPUs a SLURM step's Ray node offers, in a clean environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")}
+    proc = subprocess.run(
+        ["bash", "-c", 'source "$1/launch/common.sh" && ray_gpus "$2"', "t", str(ROOT), setting],
+        env={**clean, "PYTHON": sys.executable, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_slurm_scripts_parse_and_count_the_allocations_gpus():
+    for script in [*(ROOT / "launch" / "slurm").glob("*.sbatch"), *(ROOT / "launch").rglob("*.sh")]:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+    assert _node_gpus("auto", SLURM_GPUS_ON_NODE="4", CUDA_VISIBLE_DEVICES="0,1") == "4"
+    assert _node_gpus("auto", CUDA_VISIBLE_DEVICES="0,3,5") == "3"
+    assert _node_gpus("auto", CUDA_VISIBLE_DEVICES="GPU-1a2b,GPU-3c4d") == "2"
+    assert _node_gpus("auto", CUDA_VISIBLE_DEVICES="NoDevFiles") == "0"
+    assert _node_gpus("auto") == "0"
+    assert _node_gpus("0", SLURM_GPUS_ON_NODE="8") == "0"  # cpu.sbatch: never GPUs for Ray
+    assert _node_gpus("2", SLURM_GPUS_ON_NODE="8") == "2"
+    # gpu.sbatch hands Ray the allocation's GPUs, cpu.sbatch none (job.sh's default)
+    gpu = (ROOT / "launch" / "slurm" / "gpu.sbatch").read_text()
+    assert "RAGDIST_RAY_GPUS=${RAGDIST_RAY_GPUS:-auto}" in gpu
+    assert "RAGDIST_RAY_GPUS" not in (ROOT / "launch" / "slurm" / "cpu.sbatch").read_text()
+    assert "--num-gpus 0" not in (ROOT / "launch" / "slurm" / "job.sh").read_text()
+
+
 def test_rank_refuses_to_run_without_a_shared_run_dir():
     proc = subprocess.run(
         [sys.executable, "-m", "ragdist.launch.rank", "+experiment=tiny"],

@@ -14,7 +14,9 @@
 #
 # Env: RAGDIST_HOME (repo; default: the directory sbatch ran in), PYTHON, RAGDIST_RUN_DIR
 #      (default runs/slurm-<job id>), RAGDIST_RAY_TMP (default /tmp/rdr-<job id>),
-#      RAGDIST_RAY_CPUS (logical CPUs the Ray head offers; default: the node's).
+#      RAGDIST_RAY_CPUS (logical CPUs the Ray head offers; default: the node's),
+#      RAGDIST_RAY_GPUS (GPUs each Ray node offers for shard actors: a number, or `auto` = the
+#      allocation's GPUs on that node, counted there; default 0, gpu.sbatch sets auto).
 set -euo pipefail
 
 # What ragdist/train/preempt.py's REQUEUE_EXIT_CODE says a preempted trainer exits with (EX_TEMPFAIL).
@@ -49,6 +51,7 @@ export MASTER_PORT=${MASTER_PORT:-$(free_port "$HEAD_IP")}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 RAY_TMP=${RAGDIST_RAY_TMP:-/tmp/rdr-$SLURM_JOB_ID}
+RAY_GPUS=${RAGDIST_RAY_GPUS:-0}
 WORKERS_PID=
 TRAIN_PID=
 stop_ray() {
@@ -77,15 +80,17 @@ trap stop_ray EXIT
 trap on_term TERM
 
 ray_env=$("$PYTHON" -m ragdist.launch.ray_head start --temp-dir "$RAY_TMP" --host "$HEAD_IP" \
-  --num-cpus "${RAGDIST_RAY_CPUS:-${SLURM_CPUS_ON_NODE:-2}}" --num-gpus 0 --no-dashboard) ||
-  { say "the Ray head did not start"; exit 1; }
+  --num-cpus "${RAGDIST_RAY_CPUS:-${SLURM_CPUS_ON_NODE:-2}}" --num-gpus "$(ray_gpus "$RAY_GPUS")" \
+  --no-dashboard) || { say "the Ray head did not start"; exit 1; }
 eval "$ray_env"
-say "Ray head $RAY_ADDRESS"
+say "Ray head $RAY_ADDRESS ($(ray_gpus "$RAY_GPUS") GPUs for shard actors)"
 wait "$CHECK_PID" || { say "bad overrides: not starting the ranks"; exit 2; }
 if [ "${#NODES[@]}" -gt 1 ]; then
+  # Each worker counts its own node's GPUs (an allocation need not give every node the same number).
   srun --overlap --nodes=$((${#NODES[@]} - 1)) --ntasks-per-node=1 --exclude="$HEAD" \
-    "$PYTHON" -m ragdist.launch.ray_head worker --address "$RAY_ADDRESS" --host auto \
-    --temp-dir "$RAY_TMP" --num-gpus 0 --block &
+    bash -c 'PYTHON=$2 && source "$1/launch/common.sh" && exec "$PYTHON" -m ragdist.launch.ray_head \
+      worker --address "$3" --host auto --temp-dir "$4" --num-gpus "$(ray_gpus "$5")" --block' \
+    ray-worker "$RAGDIST_HOME" "$PYTHON" "$RAY_ADDRESS" "$RAY_TMP" "$RAY_GPUS" &
   WORKERS_PID=$!
   "$PYTHON" -m ragdist.launch.ray_head wait --address "$RAY_ADDRESS" --nodes "${#NODES[@]}" --timeout 300
 fi

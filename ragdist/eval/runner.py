@@ -72,6 +72,9 @@ def generate(
 ) -> tuple[list[str], list[int]]:
     """Greedy answers and the number of tokens generated for each (up to and including end-of-answer)."""
     batch = collate_prompts(prompts, tokenizer.pad_token_id)
+    # The prompts are built on the CPU; a model placed on a GPU generates there.
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     out = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,

@@ -7,13 +7,14 @@ FAISS binary, Parquet and `.npy` with `allow_pickle=False` only.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ragdist.errors import IndexError_
-from ragdist.index.snapshot import verify_file
+from ragdist.index.snapshot import read_manifest, verify_file
 
 # Row columns of a shard's Parquet file, in the order the service keeps them.
 ROW_COLUMNS = ("id", "doc_id", "text", "title", "source", "timestamp", "meta")
@@ -62,6 +63,17 @@ def read_shard_rows(snapshot: str | Path, manifest: dict[str, Any], shard_id: in
     if len(gids) != int(info["count"]):
         raise IndexError_(f"{path}: {len(gids)} rows, manifest says {info['count']}")
     return gids, {c: cols[c] for c in ROW_COLUMNS}
+
+
+def iter_passage_ids(snapshot: str | Path) -> Iterator[str]:
+    """Every passage id of a snapshot, shard by shard (each file checksummed; only the id column read)."""
+    import pyarrow.parquet as pq
+
+    snapshot = Path(snapshot)
+    manifest = read_manifest(snapshot)
+    for shard_id in range(len(manifest["shards"])):
+        path = verify_file(snapshot, manifest, shard_info(snapshot, manifest, shard_id)["meta"])
+        yield from pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
 
 def exactly_reconstructable(index: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragdist.config import as_object
 from ragdist.data import builtin
-from ragdist.data.corpus import chunk_documents, file_digest, load_documents
+from ragdist.data.corpus import CorpusFields, chunk_documents, load_documents, path_digest
 from ragdist.data.qa import QAExample, check_disjoint, load_qa
 from ragdist.errors import DataError, IndexError_, RagdistError
 from ragdist.index import snapshot as snap
@@ -46,12 +47,19 @@ def tokenizer_data(cfg: DictConfig) -> Any:
     """What `model.tokenizer=bpe` trains on: the corpus and the training QA (never the eval QA)."""
     from ragdist.train.tokenizer import TokenizerData
 
-    return TokenizerData(corpus=cfg.corpus.path, qa=[cfg.data.train], corpus_format=cfg.corpus.format)
+    return TokenizerData(corpus=cfg.corpus.path, qa=[cfg.data.train], corpus_format=cfg.corpus.format,
+                         corpus_fields=as_object(cfg.corpus.fields), qa_format=cfg.data.format,
+                         qa_fields=as_object(cfg.data.fields))  # fmt: skip
+
+
+def load_qa_file(cfg: DictConfig, path: str, limit: int | None = None) -> list[QAExample]:
+    """A QA file read with the run's data.format and data.fields."""
+    return load_qa(path, limit, fmt=cfg.data.format, fields=as_object(cfg.data.fields))
 
 
 def load_qa_splits(cfg: DictConfig) -> tuple[list[QAExample], list[QAExample]]:
-    train = load_qa(cfg.data.train, cfg.data.max_train)
-    evals = load_qa(cfg.data.eval, cfg.data.max_eval)
+    train = load_qa_file(cfg, cfg.data.train, cfg.data.max_train)
+    evals = load_qa_file(cfg, cfg.data.eval, cfg.data.max_eval)
     check_disjoint(train, evals, cfg.data.train, cfg.data.eval)
     return train, evals
 
@@ -59,11 +67,15 @@ def load_qa_splits(cfg: DictConfig) -> tuple[list[QAExample], list[QAExample]]:
 def index_key(cfg: DictConfig, embedder_name: str) -> str:
     """Identity of a snapshot's inputs: same key, same snapshot (reused unless index.rebuild)."""
     parts = {
-        "corpus": file_digest(cfg.corpus.path),
+        "corpus": path_digest(cfg.corpus.path),
         "chunk": [cfg.corpus.chunk_tokens, cfg.corpus.chunk_overlap, cfg.corpus.max_docs],
         "embedder": embedder_name,
         "index": [cfg.index.factory, cfg.index.metric, cfg.index.num_shards, cfg.index.sharding, cfg.index.seed],
     }
+    fields = OmegaConf.to_container(cfg.corpus.fields)
+    if fields != dataclasses.asdict(CorpusFields()):
+        # Only a non-default mapping enters the key, so snapshots built before it existed stay reusable.
+        parts["fields"] = fields
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -87,7 +99,7 @@ def build_or_reuse_index(cfg: DictConfig, embedder: Any | None = None) -> Path:
         path = snap.resolve(cfg.index.snapshot)
         snap.read_manifest(path)
         return path
-    if not Path(cfg.corpus.path).is_file():
+    if not Path(cfg.corpus.path).exists():
         raise DataError(f"{cfg.corpus.path}: corpus file not found")
     embedder = embedder or build_embedder(as_object(cfg.embedder))
     key = index_key(cfg, embedder.name)
@@ -96,7 +108,7 @@ def build_or_reuse_index(cfg: DictConfig, embedder: Any | None = None) -> Path:
         if found is not None:
             log.info("index: reusing snapshot %s", found)
             return found
-    docs = load_documents(cfg.corpus.path, cfg.corpus.format, cfg.corpus.max_docs)
+    docs = load_documents(cfg.corpus.path, cfg.corpus.format, cfg.corpus.max_docs, as_object(cfg.corpus.fields))
     chunks = chunk_documents(docs, embedder.tokenizer, cfg.corpus.chunk_tokens, cfg.corpus.chunk_overlap)
     log.info("index: %d documents → %d chunks; embedding with %s", len(docs), len(chunks), embedder.name)
     vectors = embedder.encode([c.text for c in chunks], progress=True)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragdist.config import as_object, conf_dir, load_resolved, register_configs
 from ragdist.errors import ConfigError
-from ragdist.recipes.common import cli, dump_config, load_qa_splits, log, setup_logging
+from ragdist.recipes.common import cli, dump_config, load_qa_file, load_qa_splits, log, setup_logging
 
 TRAINABLE = ("rag", "closed_book")
 
@@ -121,22 +121,24 @@ def evaluate_checkpoints(
     """Every comparison row that `ckpts` (+ the base model, + eval.joint_run) allows, on the held-out
     questions; writes report.md / report.json / plots / predictions to cfg.run_dir. The retrieval
     service for cfg.index.snapshot must be running."""
-    from ragdist.data.qa import check_disjoint, load_qa
+    from ragdist.data.qa import check_disjoint, check_gold_ids
     from ragdist.eval.compare import BASE, ServiceRetriever, plan, resolve_joint, run_comparison
     from ragdist.eval.faithfulness import build_scorer
     from ragdist.eval.plots import write_plots
     from ragdist.eval.report import clean, table, write_report
     from ragdist.eval.robustness import load_passage_pool
+    from ragdist.index.reader import iter_passage_ids
 
     _, evals = load_qa_splits(cfg)  # also refuses eval questions that appear in training
     ecfg = as_object(cfg.eval)
     evals = evals[: ecfg.max_questions] if ecfg.max_questions else evals
+    check_gold_ids(evals, iter_passage_ids(cfg.index.snapshot), cfg.data.eval)
     run_dir = Path(cfg.run_dir)
     joint = None
     if ecfg.joint_run and "joint" in ecfg.strategies:
         joint = resolve_joint(ecfg, as_object(cfg.embedder))
-        if joint.train_file and Path(joint.train_file).is_file():
-            check_disjoint(load_qa(joint.train_file), evals, joint.train_file, cfg.data.eval)
+        if joint.train_file and Path(joint.train_file).exists():
+            check_disjoint(load_qa_file(cfg, joint.train_file), evals, joint.train_file, cfg.data.eval)
     strategies = plan(
         ckpts, wanted=ecfg.strategies, base=base, joint_checkpoint=joint.checkpoint if joint else None
     )

@@ -37,7 +37,10 @@ class TokenizerData:
 
     corpus: str
     qa: list[str] = field(default_factory=list)
-    corpus_format: str = "auto"  # as corpus.format: auto | jsonl | parquet
+    corpus_format: str = "auto"  # as corpus.format: auto | jsonl | parquet | datasets
+    corpus_fields: Any = None  # as corpus.fields (None: the default names)
+    qa_format: str = "auto"  # as data.format
+    qa_fields: Any = None  # as data.fields
 
 
 def training_texts(data: TokenizerData) -> Iterator[str]:
@@ -45,12 +48,12 @@ def training_texts(data: TokenizerData) -> Iterator[str]:
     from ragdist.data.corpus import load_documents
     from ragdist.data.qa import load_qa
 
-    for doc in load_documents(data.corpus, data.corpus_format):
+    for doc in load_documents(data.corpus, data.corpus_format, fields=data.corpus_fields):
         if doc.title:
             yield doc.title
         yield doc.text
     for path in data.qa:
-        for ex in load_qa(path):
+        for ex in load_qa(path, fmt=data.qa_format, fields=data.qa_fields):
             yield ex.question
             yield from ex.answers
 
@@ -91,16 +94,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
 
 def cache_key(data: TokenizerData, vocab_size: int) -> str:
     """Same inputs (file contents, vocab size, version), same key: the cached tokenizer is reused."""
-    from ragdist.data.corpus import file_digest
+    from ragdist.data.corpus import path_digest
 
     for p in (data.corpus, *data.qa):
-        if not Path(p).is_file():
+        if not Path(p).exists():
             raise DataError(f"{p}: file not found (needed to train the BPE tokenizer)")
     parts = {
         "version": BPE_VERSION,
         "vocab_size": vocab_size,
-        "corpus": file_digest(data.corpus),
-        "qa": [file_digest(p) for p in data.qa],
+        "corpus": path_digest(data.corpus),
+        "qa": [path_digest(p) for p in data.qa],
+        "fields": [repr(data.corpus_fields), repr(data.qa_fields)],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
