@@ -145,7 +145,7 @@ def _questions(e: dict[str, Any], profile_id: str, history_id: str) -> list[dict
 
 
 def write_elements(out_dir: str | Path, num_entities: int, eval_fraction: float, seed: int) -> dict[str, str]:
-    from ragdist.data.builtin import write_splits
+    from ragdist.data.splits import write_splits
 
     entities = []
     for e in _elements(seed, num_entities):
