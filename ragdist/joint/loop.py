@@ -293,7 +293,7 @@ def train_joint(
                 t0 = time.perf_counter()
                 # One query forward, with gradient: its detached values search, the same tensor is scored.
                 q = retriever.query(questions)
-                candidates = view.search(q.detach().numpy(), fetch).passages
+                candidates = view.retrieve(questions, fetch, vectors=q.detach().numpy())
                 wait_s += time.perf_counter() - t0
                 chosen = _rerank(retriever, q.detach(), candidates, top_k) if fetch > top_k else [ps[:top_k] for ps in candidates]
                 scores = retriever.scores(questions, chosen, q=q)
