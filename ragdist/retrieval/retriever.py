@@ -101,16 +101,17 @@ class ShardedRetriever:
             if attempt == 0 and (stale or down):
                 # A newer topology, or shards that did not answer (their version may be gone): one
                 # controller round trip, and ask again where this call would now go.
-                before = self.view.generation
+                before = self.view.generation, self.view.primary, self.view.canary
                 self.view.refresh()
                 gone = v.vid not in self.view.versions
-                moved = (version is None or _routed) and not self.view.routable(v.vid)
+                rerouted = (self.view.primary, self.view.canary) != before[1:] or not self.view.routable(v.vid)
+                moved = (version is None or _routed) and rerouted
                 if _routed and (moved or gone):
                     raise _Rerouted
                 if gone and version is not None:
-                    raise RetrievalError(f"index version {v.vid!r} is no longer loaded; loaded: "
+                    raise RetrievalError(f"unknown index version {v.vid!r} (no longer loaded); loaded: "
                                          f"{sorted(self.view.versions)}")
-                if moved or gone or (down and self.view.generation != before):
+                if moved or gone or (down and self.view.generation != before[0]):
                     continue
             break
         if down:
@@ -226,8 +227,9 @@ class ShardedRetriever:
         gen, epoch = state
         known = self.view.epoch(vid)
         if self.view.note(vid, gen, epoch):
+            before = self.view.primary, self.view.canary
             self.view.refresh()
-            if not pinned and not self.view.routable(vid):
+            if not pinned and ((self.view.primary, self.view.canary) != before or not self.view.routable(vid)):
                 raise _Rerouted
         return epoch <= known and vid in self.view.versions
 
@@ -237,7 +239,7 @@ class ShardedRetriever:
         if v is None:
             if not pinned:
                 raise _Rerouted
-            raise RetrievalError(f"index version {vid!r} is no longer loaded; loaded: {sorted(self.view.versions)}")
+            raise RetrievalError(f"unknown index version {vid!r} (no longer loaded); loaded: {sorted(self.view.versions)}")
         if vecs is None:
             if v.embedder and v.embedder != self.embedder.name:
                 raise RetrievalError(f"index version {vid} was embedded with {v.embedder}; this client encodes "
