@@ -120,8 +120,11 @@ def test_vectors_path_equals_text_path(ray_cluster, tiny_snapshot, embedder, hyb
         counting = CountingEmbedder(embedder)
         r = ShardedRetriever(cfg, embedder=counting)
         assert isinstance(r, Retriever)
-        qs = ["What is the IATA code of Farah Airport?", "Which city does RAF Leuchars serve?",
-              "airport serving Detroit Michigan"]
+        qs = [
+            "What is the IATA code of Farah Airport?",
+            "Which city does RAF Leuchars serve?",
+            "airport serving Detroit Michigan",
+        ]
         text = r.retrieve(qs, 4)
         assert counting.texts == len(qs)
         hits = r.stats["cache_hits"]
@@ -188,6 +191,11 @@ def test_local_cluster_listens_on_loopback_only(ray_cluster):
     procs = [me, *me.children(recursive=True)]
     names = {p.name() for p in procs if p.is_running()}
     assert {"gcs_server", "raylet"} <= names, names
-    listening = [c.laddr for p in procs if p.is_running() for c in p.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr
+        for p in procs
+        if p.is_running()
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    ]
     assert listening and {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening

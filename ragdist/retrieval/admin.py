@@ -58,8 +58,13 @@ def start_service(snapshot: str, cfg: RetrievalConfig) -> Any:
         raise RetrievalError(f"retrieval service failed to load {snapshot}: {cause(e)}") from None
     # A non-detached actor dies with its last handle: keep one for as long as this process runs.
     _OWNED[cfg.service_name] = controller
-    log.info("retrieval service %r: %s up in %.1fs (%d replica(s) per shard)", cfg.service_name, vid,
-             time.perf_counter() - t0, cfg.replicas)
+    log.info(
+        "retrieval service %r: %s up in %.1fs (%d replica(s) per shard)",
+        cfg.service_name,
+        vid,
+        time.perf_counter() - t0,
+        cfg.replicas,
+    )
     return controller
 
 
@@ -128,14 +133,26 @@ class ServiceAdmin:
             "versions": {vid: {k: v.info[k] for k in keys} for vid, v in self.view.versions.items()},
         }
 
-    def upsert(self, chunks: Sequence[Any], vectors: np.ndarray, *, ts: float | None = None,
-               version: str | None = None) -> dict[str, Any]:
+    def upsert(
+        self,
+        chunks: Sequence[Any],
+        vectors: np.ndarray,
+        *,
+        ts: float | None = None,
+        version: str | None = None,
+    ) -> dict[str, Any]:
         """Add or replace chunks (by chunk id) with their vectors, as one atomic update epoch."""
         return self.update(upsert=chunks, vectors=vectors, ts=ts, version=version)
 
-    def delete(self, ids: Sequence[str] = (), *, doc_ids: Sequence[str] = (), ts: float | None = None,
-               version: str | None = None) -> dict[str, Any]:
-        """Delete chunks by id and/or whole documents; honoured by every query that starts after this returns."""
+    def delete(
+        self,
+        ids: Sequence[str] = (),
+        *,
+        doc_ids: Sequence[str] = (),
+        ts: float | None = None,
+        version: str | None = None,
+    ) -> dict[str, Any]:
+        """Delete chunks by id and/or whole documents; honoured by every query that starts afterwards."""
         return self.update(delete_ids=ids, delete_doc_ids=doc_ids, ts=ts, version=version)
 
     def update(
@@ -161,7 +178,9 @@ class ServiceAdmin:
                 raise RetrievalError(f"upsert: {len(rows)} chunks but no vectors")
             vecs = np.ascontiguousarray(vectors, dtype=np.float32)
             if vecs.ndim != 2 or vecs.shape != (len(rows), v.dim):
-                raise RetrievalError(f"upsert: vectors have shape {tuple(vecs.shape)}; expected ({len(rows)}, {v.dim})")
+                raise RetrievalError(
+                    f"upsert: vectors have shape {tuple(vecs.shape)}; expected ({len(rows)}, {v.dim})"
+                )
             if not np.isfinite(vecs).all():
                 raise RetrievalError("upsert: vectors contain NaN or inf")
         ids = [str(i) for i in delete_ids]

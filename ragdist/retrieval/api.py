@@ -27,8 +27,9 @@ class Retriever(Protocol):
         """The index version that answers an unpinned call now."""
         ...
 
-    def retrieve(self, questions: list[str], k: int, version: str | None = None,
-                 vectors: np.ndarray | None = None) -> list[list[Passage]]:
+    def retrieve(
+        self, questions: list[str], k: int, version: str | None = None, vectors: np.ndarray | None = None
+    ) -> list[list[Passage]]:
         """The top-k passages of each question, best first.
 
         `version` pins a loaded index version (else the service routes: primary, or canary by share).

@@ -26,9 +26,22 @@ from ragdist.retrieval.retriever import ShardedRetriever, normalize_query, rrf_f
 from ragdist.retrieval.transport import merge_topk
 
 __all__ = [
-    "HybridConfig", "RerankConfig", "RetrievalClient", "RetrievalConfig", "Retriever", "SearchResult",
-    "ServiceAdmin", "ShardedRetriever", "controller_name", "flat_metrics", "merge_topk", "normalize_query",
-    "rrf_fuse", "start_service", "stop_service", "validate_config",
+    "HybridConfig",
+    "RerankConfig",
+    "RetrievalClient",
+    "RetrievalConfig",
+    "Retriever",
+    "SearchResult",
+    "ServiceAdmin",
+    "ShardedRetriever",
+    "controller_name",
+    "flat_metrics",
+    "merge_topk",
+    "normalize_query",
+    "rrf_fuse",
+    "start_service",
+    "stop_service",
+    "validate_config",
 ]
 
 

@@ -46,7 +46,7 @@ class RetrievalConfig:
     efsearch: int = 0  # HNSW search breadth; 0 = the snapshot's
     k_beyond_corpus: str = "pad"  # k > passages: pad with id -1 (as FAISS does) | error
     cache_size: int = 50_000  # LRU entries keyed by (query, encoder, index version, epoch, k, …); 0 = off
-    check_every_s: float = 0.0  # how long an all-cached batch may trust the last seen version/epoch; 0 = never
+    check_every_s: float = 0.0  # an all-cached answer trusts the view this long; 0 = checks each call
     keep_previous: bool = True  # keep the old primary loaded after a promote, for rollback
     detached: bool = False  # keep the service alive after the process that started it exits
     ray_num_cpus: int | None = None  # CPUs of a cluster we start (default: all cores)

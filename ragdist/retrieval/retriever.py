@@ -90,33 +90,43 @@ class ShardedRetriever:
         """
         t0 = time.perf_counter()
         flt = compile_filter(filter)
-        kw = dict(filter=flt.to_spec() if flt is not None else None, texts=texts, lexical_k=int(lexical_k),
-                  passages=passages)
+        kw = dict(
+            filter=flt.to_spec() if flt is not None else None,
+            texts=texts,
+            lexical_k=int(lexical_k),
+            passages=passages,
+        )
         for attempt in (0, 1):
             v = self.view.route(version)
             q = self._check_query(vectors, k, v)
-            results, down, epoch = self.transport.at_one_epoch(v.replicas, q, int(k), self.view.epoch(v.vid), **kw)
+            results, down, epoch = self.transport.at_one_epoch(
+                v.replicas, q, int(k), self.view.epoch(v.vid), **kw
+            )
             gen = max((int(r.get("gen", 0)) for r in results.values()), default=0)
             stale = self.view.note(v.vid, gen, epoch if results else None)
             if attempt == 0 and (stale or down):
                 # A newer topology, or shards that did not answer (their version may be gone): one
                 # controller round trip, and ask again where this call would now go.
-                before = self.view.generation, self.view.primary, self.view.canary
+                gen0, routes0 = self.view.generation, (self.view.primary, self.view.canary)
                 self.view.refresh()
                 gone = v.vid not in self.view.versions
-                rerouted = (self.view.primary, self.view.canary) != before[1:] or not self.view.routable(v.vid)
+                rerouted = (self.view.primary, self.view.canary) != routes0 or not self.view.routable(v.vid)
                 moved = (version is None or _routed) and rerouted
                 if _routed and (moved or gone):
                     raise _Rerouted
                 if gone and version is not None:
-                    raise RetrievalError(f"unknown index version {v.vid!r} (no longer loaded); loaded: "
-                                         f"{sorted(self.view.versions)}")
-                if moved or gone or (down and self.view.generation != before[0]):
+                    raise RetrievalError(
+                        f"unknown index version {v.vid!r} (no longer loaded); loaded: "
+                        f"{sorted(self.view.versions)}"
+                    )
+                if moved or gone or (down and self.view.generation != gen0):
                     continue
             break
         if down:
             self.m.counters["partial_results"] += 1
-            msg = f"shard(s) {down} of index version {v.vid}: no replica answered within {self.cfg.timeout_s}s"
+            msg = (
+                f"shard(s) {down} of index version {v.vid}: no replica answered within {self.cfg.timeout_s}s"
+            )
             if self.cfg.on_shard_down != "partial":
                 raise RetrievalError(msg)
             log.warning("retrieval: %s; returning results flagged partial", msg)
@@ -133,8 +143,17 @@ class ShardedRetriever:
         self.m.call(len(q), time.perf_counter() - t0)
         self.m.by_version[v.vid] += len(q)
         self.last_partial = bool(down)
-        return SearchResult(scores, ids, rows, partial=bool(down), missing_shards=list(down), version=v.vid,
-                            epoch=epoch, lexical_ids=lex, payload=payload)
+        return SearchResult(
+            scores,
+            ids,
+            rows,
+            partial=bool(down),
+            missing_shards=list(down),
+            version=v.vid,
+            epoch=epoch,
+            lexical_ids=lex,
+            payload=payload,
+        )
 
     # ------------------------------------------------------------------ text in
     def _mode(self) -> tuple:
@@ -144,9 +163,16 @@ class ShardedRetriever:
             ("rerank", r.model, r.top_n) if r.model else (),
         )
 
-    def retrieve(self, questions: list[str], k: int, version: str | None = None, vectors: np.ndarray | None = None,
-                 *, filter: dict[str, Any] | None = None) -> list[list[Passage]]:
-        """Text in, passages out; hybrid / re-ranked by config; cached by (query, encoder, version, epoch, …).
+    def retrieve(
+        self,
+        questions: list[str],
+        k: int,
+        version: str | None = None,
+        vectors: np.ndarray | None = None,
+        *,
+        filter: dict[str, Any] | None = None,
+    ) -> list[list[Passage]]:
+        """Text in, passages out; hybrid / re-ranked by config; cached by (query, encoder, version, epoch…).
 
         `version` pins a loaded version (no canary draw). `vectors`: the questions' query vectors,
         computed by the caller; the embedder is not called and the cache is neither read nor written.
@@ -155,8 +181,10 @@ class ShardedRetriever:
         if vectors is not None:
             vectors = np.asarray(vectors)
             if vectors.ndim != 2 or len(vectors) != len(questions):
-                raise RetrievalError(f"vectors have shape {tuple(vectors.shape)}; expected one row per "
-                                     f"question ({len(questions)})")
+                raise RetrievalError(
+                    f"vectors have shape {tuple(vectors.shape)}; expected one row per "
+                    f"question ({len(questions)})"
+                )
         elif self.embedder is None:
             raise RetrievalError("this retriever has no query embedder; pass vectors= or one at construction")
         flt = compile_filter(filter)
@@ -166,11 +194,20 @@ class ShardedRetriever:
                 return self._retrieve(questions, norms, int(k), version, vectors, flt)
             except _Rerouted:
                 continue  # the version this call was routed to was promoted away or unloaded meanwhile
-        raise RetrievalError(f"retrieval service {self.cfg.service_name!r}: its versions kept changing during "
-                             "the call; try again")
+        raise RetrievalError(
+            f"retrieval service {self.cfg.service_name!r}: its versions kept changing during "
+            "the call; try again"
+        )
 
-    def _retrieve(self, questions: list[str], norms: list[str], k: int, version: str | None,
-                  vectors: np.ndarray | None, flt: Filter | None) -> list[list[Passage]]:
+    def _retrieve(
+        self,
+        questions: list[str],
+        norms: list[str],
+        k: int,
+        version: str | None,
+        vectors: np.ndarray | None,
+        flt: Filter | None,
+    ) -> list[list[Passage]]:
         groups: dict[str, list[int]] = {}
         for i, n in enumerate(norms):
             groups.setdefault(self.view.route(version, n).vid, []).append(i)
@@ -180,8 +217,14 @@ class ShardedRetriever:
         for vid, idx in groups.items():
             pinned = version is not None
             if not use_cache:
-                got, p = self._uncached([questions[i] for i in idx], k, flt, vid, pinned,
-                                        None if vectors is None else vectors[idx])
+                got, p = self._uncached(
+                    [questions[i] for i in idx],
+                    k,
+                    flt,
+                    vid,
+                    pinned,
+                    None if vectors is None else vectors[idx],
+                )
                 partial |= p
                 for i, ps in zip(idx, got):
                     out[i] = ps
@@ -214,8 +257,15 @@ class ShardedRetriever:
         return out  # type: ignore[return-value]
 
     def _key(self, norm: str, vid: str, k: int, flt: Filter | None) -> tuple:
-        return (norm, self.embedder.name, vid, self.view.epoch(vid), k, flt.key if flt is not None else "",
-                self._mode())
+        return (
+            norm,
+            self.embedder.name,
+            vid,
+            self.view.epoch(vid),
+            k,
+            flt.key if flt is not None else "",
+            self._mode(),
+        )
 
     def _fresh(self, vid: str, pinned: bool) -> bool:
         """May an all-cached answer from `vid` be served? One shard replica's (generation, epoch) says."""
@@ -229,30 +279,46 @@ class ShardedRetriever:
         if self.view.note(vid, gen, epoch):
             before = self.view.primary, self.view.canary
             self.view.refresh()
-            if not pinned and ((self.view.primary, self.view.canary) != before or not self.view.routable(vid)):
+            if not pinned and (
+                (self.view.primary, self.view.canary) != before or not self.view.routable(vid)
+            ):
                 raise _Rerouted
         return epoch <= known and vid in self.view.versions
 
-    def _uncached(self, questions: list[str], k: int, flt: Filter | None, vid: str, pinned: bool,
-                  vecs: np.ndarray | None = None) -> tuple[list[list[Passage]], bool]:
+    def _uncached(
+        self,
+        questions: list[str],
+        k: int,
+        flt: Filter | None,
+        vid: str,
+        pinned: bool,
+        vecs: np.ndarray | None = None,
+    ) -> tuple[list[list[Passage]], bool]:
         v = self.view.versions.get(vid)
         if v is None:
             if not pinned:
                 raise _Rerouted
-            raise RetrievalError(f"unknown index version {vid!r} (no longer loaded); loaded: {sorted(self.view.versions)}")
+            raise RetrievalError(
+                f"unknown index version {vid!r} (no longer loaded); loaded: {sorted(self.view.versions)}"
+            )
         if vecs is None:
             if v.embedder and v.embedder != self.embedder.name:
-                raise RetrievalError(f"index version {vid} was embedded with {v.embedder}; this client encodes "
-                                     f"queries with {self.embedder.name}")
+                raise RetrievalError(
+                    f"index version {vid} was embedded with {v.embedder}; this client encodes "
+                    f"queries with {self.embedder.name}"
+                )
             vecs = self.embedder.encode(questions)
         h, r = self.cfg.hybrid, self.cfg.rerank
         n_cand = max(k, r.top_n) if r.model else k
         if h.enabled:
             depth = max(n_cand, h.depth)
-            res = self.search(vecs, depth, filter=flt, version=vid, texts=questions, lexical_k=depth,
-                              _routed=not pinned)
-            cands = [[res.payload[g] for g in fused[:n_cand]]
-                     for fused in rrf_fuse(res.ids, res.lexical_ids, h.dense_weight, h.lexical_weight, h.rrf_k)]
+            res = self.search(
+                vecs, depth, filter=flt, version=vid, texts=questions, lexical_k=depth, _routed=not pinned
+            )
+            cands = [
+                [res.payload[g] for g in fused[:n_cand]]
+                for fused in rrf_fuse(res.ids, res.lexical_ids, h.dense_weight, h.lexical_weight, h.rrf_k)
+            ]
         else:
             res = self.search(vecs, n_cand, filter=flt, version=vid, _routed=not pinned)
             cands = res.passages
@@ -265,16 +331,21 @@ class ShardedRetriever:
             from ragdist.retrieval.rerank import CrossEncoderReranker
 
             r = self.cfg.rerank
-            self._reranker = CrossEncoderReranker(r.model, batch_size=r.batch_size, max_length=r.max_length,
-                                                  threads=r.threads)
+            self._reranker = CrossEncoderReranker(
+                r.model, batch_size=r.batch_size, max_length=r.max_length, threads=r.threads
+            )
         return self._reranker
 
     # ------------------------------------------------------------------ metrics
     @property
     def stats(self) -> dict[str, Any]:
         c = self.m.counters
-        return {"calls": c["calls"], "queries": c["queries"], "cache_hits": c["cache_hits"],
-                "latency_s": [x[2] for x in self.m.calls]}
+        return {
+            "calls": c["calls"],
+            "queries": c["queries"],
+            "cache_hits": c["cache_hits"],
+            "latency_s": [x[2] for x in self.m.calls],
+        }
 
     def metrics(self, *, replicas: bool = False) -> dict[str, Any]:
         """Client-side latency per shard (p50/p95/p99), QPS, queue depth, cache hit rate, hottest shard,
@@ -290,8 +361,9 @@ class ShardedRetriever:
         return out
 
 
-def rrf_fuse(dense: np.ndarray, lexical: np.ndarray | None, w_dense: float, w_lex: float, rrf_k: int
-             ) -> list[list[int]]:
+def rrf_fuse(
+    dense: np.ndarray, lexical: np.ndarray | None, w_dense: float, w_lex: float, rrf_k: int
+) -> list[list[int]]:
     """Reciprocal-rank fusion of two ranked id lists per query: sum of weight / (rrf_k + rank)."""
     out = []
     for i in range(len(dense)):

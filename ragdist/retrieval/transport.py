@@ -91,10 +91,13 @@ class Transport:
     def _failed(self, rep: Replica, shard: int, e: BaseException) -> None:
         rep.cool_until = time.perf_counter() + 2.0
         self.m.counters["replica_failures"] += 1
-        log.warning("retrieval: shard %d replica %s failed (%s); trying another", shard, rep.key[:8], cause(e))
+        log.warning(
+            "retrieval: shard %d replica %s failed (%s); trying another", shard, rep.key[:8], cause(e)
+        )
 
-    def fanout(self, replicas: list[list[Replica]], q: np.ndarray, k: int, shards: Sequence[int], **kw: Any
-               ) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    def fanout(
+        self, replicas: list[list[Replica]], q: np.ndarray, k: int, shards: Sequence[int], **kw: Any
+    ) -> tuple[dict[int, dict[str, Any]], list[int]]:
         """Per-shard answers (shard -> ShardServer.query's dict) and the shards no replica answered."""
         import ray
 
@@ -144,8 +147,11 @@ class Transport:
                 else:
                     down.add(s)
             wait_on = [ref for ref, (s, _, _) in pending.items() if s not in results and s not in down]
-            wake = min([deadline] + [pending[r][2] + cfg.attempt_timeout_s for r in wait_on]
-                       + [not_before[s] for s in idle])
+            wake = min(
+                [deadline]
+                + [pending[r][2] + cfg.attempt_timeout_s for r in wait_on]
+                + [not_before[s] for s in idle]
+            )
             if not wait_on:
                 if idle:
                     time.sleep(max(0.0, wake - now))
@@ -163,8 +169,11 @@ class Transport:
                         raise RetrievalError(str(err)) from None
                     self._failed(rep, s, e)
                     continue
-                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
-                        ray.exceptions.WorkerCrashedError) as e:
+                except (
+                    ray.exceptions.RayActorError,
+                    ray.exceptions.ObjectLostError,
+                    ray.exceptions.WorkerCrashedError,
+                ) as e:
                     self._failed(rep, s, e)
                     if s not in results and send(s, time.perf_counter()):
                         self.m.counters["retries"] += 1
@@ -183,8 +192,9 @@ class Transport:
         self._abandon(pending)
         return results, sorted(down)
 
-    def at_one_epoch(self, replicas: list[list[Replica]], q: np.ndarray, k: int, known_epoch: int, **kw: Any
-                     ) -> tuple[dict[int, dict[str, Any]], list[int], int]:
+    def at_one_epoch(
+        self, replicas: list[list[Replica]], q: np.ndarray, k: int, known_epoch: int, **kw: Any
+    ) -> tuple[dict[int, dict[str, Any]], list[int], int]:
         """Every shard's answer at one update epoch (the newest any of them answered at), so that no
         query sees half of an update; returns (answers, shards down, that epoch)."""
         results, down = self.fanout(replicas, q, k, range(len(replicas)), min_epoch=known_epoch, **kw)
@@ -216,8 +226,9 @@ class Transport:
         return None
 
 
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, keep_max: bool, nq: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    parts: list[tuple[np.ndarray, np.ndarray]], k: int, keep_max: bool, nq: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Global top-k of per-shard (scores, ids) lists, padded like FAISS (-1 ids).
 
     The same answer as `faiss.ResultHeap` (tests/test_retrieval.py checks it), in numpy: the heap's

@@ -72,8 +72,9 @@ class ServiceView:
         try:
             topo = ray.get(self.controller.topology.remote(), timeout=self.cfg.timeout_s)
         except ray.exceptions.RayError as e:
-            raise RetrievalError(f"retrieval service {self.cfg.service_name!r}: controller unreachable "
-                                 f"({cause(e)})") from None
+            raise RetrievalError(
+                f"retrieval service {self.cfg.service_name!r}: controller unreachable ({cause(e)})"
+            ) from None
         self._apply(topo)
 
     def _apply(self, topo: dict[str, Any]) -> None:
@@ -92,8 +93,16 @@ class ServiceView:
                         rep = replicas[key] = self._replicas.get(key) or Replica(h, key, s)
                         row.append(rep)
                     reps.append(row)
-                versions[vid] = VersionRoute(vid, int(v["dim"]), int(v["count"]), v.get("metric", "ip"),
-                                             str(v.get("embedder", "")), int(v["num_shards"]), reps, v)
+                versions[vid] = VersionRoute(
+                    vid,
+                    int(v["dim"]),
+                    int(v["count"]),
+                    v.get("metric", "ip"),
+                    str(v.get("embedder", "")),
+                    int(v["num_shards"]),
+                    reps,
+                    v,
+                )
                 self._epochs[vid] = max(self._epochs.get(vid, 0), int(v["epoch"]))
             self._replicas = replicas
             self.versions = versions

@@ -17,7 +17,9 @@ class LRU:
 
     def __init__(self, maxsize: int):
         self.maxsize = int(maxsize)
-        self._data: cachetools.LRUCache | None = cachetools.LRUCache(self.maxsize) if self.maxsize > 0 else None
+        self._data: cachetools.LRUCache | None = (
+            cachetools.LRUCache(self.maxsize) if self.maxsize > 0 else None
+        )
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, default: Any = None) -> Any:
