@@ -199,3 +199,21 @@ def test_local_cluster_listens_on_loopback_only(ray_cluster):
         if c.status == psutil.CONN_LISTEN
     ]
     assert listening and {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+
+
+def test_loopback_cluster_refused_when_ray_was_imported_first():
+    """Ray read its loopback switch at import: a local cluster would listen everywhere, so none starts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")
+    }
+    code = "import ray\nfrom ragdist.retrieval.cluster import init_ray\ninit_ray(num_cpus=1)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "ConfigError" in proc.stderr and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in proc.stderr

@@ -79,6 +79,8 @@ class ServiceMetrics:
             "hedges": c["hedges"],
             "replica_failures": c["replica_failures"],
             "partial_results": c["partial_results"],
+            "lagging_retries": c["lagging_retries"],  # shards asked again because they were behind an epoch
+            "freshness_probes": c["probes"],  # all-cached answers checked with one replica
             "queries_by_version": dict(self.by_version),
         }
 

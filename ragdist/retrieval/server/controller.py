@@ -249,7 +249,8 @@ class ServiceController:
             handles = [h for v in self.versions.values() for reps in v.replicas for h in reps]
         refs = [h.set_generation.remote(gen) for h in handles]
         if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s)
+            # Bounded by one attempt: a replica Ray is restarting reads the generation when it starts.
+            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.attempt_timeout_s)
 
     @staticmethod
     def _kill(versions: list[Version]) -> None:
