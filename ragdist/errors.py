@@ -19,3 +19,10 @@ class RetrievalError(RagdistError):
 
 class ConfigError(RagdistError):
     """A configuration value that cannot work (after the schema accepted its type)."""
+
+
+def cause(e: BaseException) -> str:
+    """The useful line of a (possibly remote, multi-line) exception."""
+    msg = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
+    useful = [m for m in msg if "Error" in m and "Traceback" not in m] or msg
+    return useful[-1] if useful else type(e).__name__

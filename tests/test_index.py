@@ -7,7 +7,7 @@ import pytest
 from ragdist.errors import ConfigError, IndexError_
 from ragdist.index import snapshot as snap
 from ragdist.index.builder import IndexConfig, assign_shards, build_snapshot
-from ragdist.retrieval.shard import ShardServer
+from ragdist.retrieval.server.shard import ShardServer
 
 
 def test_snapshot_layout_and_manifest(tiny_snapshot, tiny_chunks):

@@ -151,7 +151,7 @@ def test_explicit_recall_queries(tmp_path):
 
 @pytest.mark.parametrize("factory", ["SQ8", "HNSW8", "IVF8,PQ4x4", "IVF8,SQ8", "PCA16,IVF8,Flat"])
 def test_any_factory_builds_serves_and_reports_recall(tmp_path, factory):
-    from ragdist.retrieval.shard import ShardServer
+    from ragdist.retrieval.server.shard import ShardServer
 
     chunks, x = corpus(1000)
     path = build_snapshot(chunks, x, IndexConfig(num_shards=2, root=str(tmp_path), factory=factory, recall_queries=50),

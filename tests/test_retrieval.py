@@ -83,16 +83,23 @@ def test_bf16_queries_find_what_fp32_queries_find(tiny_service, embedder):
         build_embedder(EmbedderConfig(dtype="int8"))
 
 
-def test_cache_serves_repeats_and_keys_on_version(tiny_service, embedder):
+def test_cache_serves_repeats_and_keys_on_version(tiny_service, embedder, tiny_chunks, tiny_vectors, tmp_path):
     client = RetrievalClient(tiny_service, embedder=embedder)
     q = ["What is the IATA code of Farah Airport?"]
     first = client.retrieve(q, 2)
     calls = client.stats["calls"]
     assert client.retrieve(["  what is the IATA code of farah airport? "], 2) == first
-    assert client.stats["calls"] == calls and client.stats["cache_hits"] == 1
-    client.version = "another-version"  # a new index version must never be served from the old entries
-    client.retrieve(q, 2)
-    assert client.stats["calls"] == calls + 1
+    assert client.retrieve(q, 2, version=client.version) == first  # pinning the primary: the same entry
+    assert client.stats["calls"] == calls and client.stats["cache_hits"] == 2
+    # Another index version (the same rows under a new id) must never be served from the old entries.
+    other = build_snapshot(tiny_chunks, tiny_vectors, IndexConfig(num_shards=2, root=str(tmp_path)),
+                           embedder_name=embedder.name)
+    vid = client.load_version(str(other))
+    try:
+        assert client.retrieve(q, 2, version=vid) == first
+        assert client.stats["calls"] == calls + 1
+    finally:
+        client.unload(vid)
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ import pytest
 from ragdist.data.corpus import Chunk
 from ragdist.errors import ConfigError, RetrievalError
 from ragdist.index.builder import IndexConfig, build_snapshot
-from ragdist.retrieval.filters import compile_filter
-from ragdist.retrieval.lexical import LexicalIndex
-from ragdist.retrieval.shard import PAD_SCORE, ShardServer, calibrate
+from ragdist.retrieval.server.filters import compile_filter
+from ragdist.retrieval.server.lexical import LexicalIndex
+from ragdist.retrieval.server.shard import PAD_SCORE, ShardServer, calibrate
 
 DIM = 32
 N = 3000

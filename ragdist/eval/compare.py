@@ -158,9 +158,9 @@ class ServiceRetriever:
     def __init__(self, rcfg: Any, embedder: Any):
         import dataclasses
 
-        from ragdist.retrieval.client import RetrievalClient
+        from ragdist.retrieval.retriever import ShardedRetriever
 
-        self.client = RetrievalClient(dataclasses.replace(rcfg, cache_size=0), embedder=embedder)
+        self.client = ShardedRetriever(dataclasses.replace(rcfg, cache_size=0), embedder=embedder)
         self.partial_calls = 0
 
     def __call__(self, questions: list[str], k: int) -> list[list[Passage]]:

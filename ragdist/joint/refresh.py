@@ -42,7 +42,8 @@ from ragdist.index.snapshot import read_manifest
 if TYPE_CHECKING:
     from ragdist.joint.config import JointConfig
     from ragdist.joint.retriever import MeanPoolEncoder
-    from ragdist.retrieval.client import RetrievalConfig, SearchResult
+    from ragdist.retrieval.api import Passage, SearchResult
+    from ragdist.retrieval.config import RetrievalConfig
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class RefreshManager:
                  faults: dict[str, Any] | None = None):
         import ray
 
-        from ragdist.retrieval.client import RetrievalClient
+        from ragdist.retrieval.admin import ServiceAdmin
 
         self.cfg = cfg
         self.service = service
@@ -230,7 +231,7 @@ class RefreshManager:
         # refreshes; {"delay_s": {seq: s}} holds refresh `seq` back for s seconds before its snapshot.
         self.faults = dict(faults or {})
         self.crashes_left = int(self.faults.get("crash_attempts", 0))
-        self.admin = RetrievalClient(service)  # load / promote / unload, from the background threads
+        self.admin = ServiceAdmin(service)  # load / promote / unload, from the background threads
         self.admin_lock = threading.Lock()
         self.coord = (
             ray.remote(RefreshCoordinator)
@@ -490,28 +491,49 @@ def _cause(e: BaseException) -> str:
 
 
 class IndexView:
-    """The one index version a rank queries, pinned by id. Switched only at step boundaries, at the
-    same step on every rank, so every query of a step meets the same version."""
+    """The one index version a rank queries, pinned by id: a `Retriever` over the joint service.
+
+    Switched only at step boundaries, at the same step on every rank, so every query of a step meets
+    the same version. Queries go through `ShardedRetriever` (the same transport, hybrid and re-ranking
+    as any other client); the trainable query encoder's vectors are passed in, so nothing is cached."""
 
     def __init__(self, service: RetrievalConfig, served: ServedVersion):
-        from ragdist.retrieval.client import RetrievalClient
+        from ragdist.retrieval.retriever import ShardedRetriever
 
-        self.client = RetrievalClient(service)
+        self.retriever = ShardedRetriever(service)
         self.served = served
         self._check(served)
 
+    @property
+    def version(self) -> str:
+        return self.served.version
+
     def _check(self, served: ServedVersion) -> None:
-        if served.version not in self.client.views:
+        view = self.retriever.view
+        if served.version not in view.versions:
+            view.refresh()  # loaded since this rank last looked
+        if served.version not in view.versions:
             raise RetrievalError(f"index version {served.version} is not loaded in service "
-                                 f"{self.client.cfg.service_name!r} (loaded: {sorted(self.client.views)})")
+                                 f"{self.retriever.cfg.service_name!r} (loaded: {sorted(view.versions)})")
 
     def switch(self, served: ServedVersion) -> None:
-        self.client.refresh()
         self._check(served)
         self.served = served
 
     def search(self, vectors: np.ndarray, k: int) -> SearchResult:
-        res = self.client.search(vectors, k, version=self.served.version)
+        """Dense exact top-k of `vectors` in the served version (recall measurements, tests)."""
+        res = self.retriever.search(vectors, k, version=self.served.version)
         if res.partial:
             raise RetrievalError(f"index version {self.served.version}: shards {res.missing_shards} did not answer")
         return res
+
+    def retrieve(self, questions: list[str], k: int, version: str | None = None,
+                 vectors: np.ndarray | None = None) -> list[list[Passage]]:
+        """The training query: `vectors` from the query encoder, hybrid / re-ranked as the service is
+        configured, from the served version unless `version` names another loaded one."""
+        if vectors is None:
+            raise RetrievalError("IndexView.retrieve needs the query encoder's vectors (vectors=...)")
+        out = self.retriever.retrieve(questions, k, version=version or self.served.version, vectors=vectors)
+        if self.retriever.last_partial:
+            raise RetrievalError(f"index version {version or self.served.version}: some shards did not answer")
+        return out

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragdist.errors import ConfigError
+from ragdist.utils.cache import LRU
 
 PASSAGE_FORMAT = "{text}"  # what the index embedded: the chunk text (see recipes/common.build_or_reuse_index)
 
@@ -144,7 +144,7 @@ class JointRetriever(nn.Module):
         if side == "query":
             self.passage.requires_grad_(False)
         # side=query: the passage encoder never changes, so a passage's vector is computed once.
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache = LRU(cache_size)
         self.cache_size = cache_size
 
     def cache_state(self) -> dict[str, Any] | None:
@@ -180,15 +180,15 @@ class JointRetriever(nn.Module):
             with torch.no_grad():
                 return self.passage(texts)
         keys = [str(p.get("id", t)) for p, t in zip(passages, texts)]
-        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        got = [self._cache.get(k) for k in keys]
+        todo = [i for i, v in enumerate(got) if v is None]
         if todo:
             with torch.no_grad():
                 vecs = self.passage([texts[i] for i in todo])
             for i, v in zip(todo, vecs):
-                self._cache[keys[i]] = v
-                if len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return torch.stack([self._cache[k] for k in keys])
+                got[i] = v
+                self._cache.put(keys[i], v)
+        return torch.stack(got)
 
     def scores(self, questions: Sequence[str], passages: Sequence[Sequence[dict[str, Any]]],
                q: torch.Tensor | None = None) -> torch.Tensor:

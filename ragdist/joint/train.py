@@ -108,7 +108,8 @@ class JointSource:
         served = self.view.served
         # One query forward, with gradient: its detached values search, the same tensor is scored.
         q = self.retriever.query(questions)
-        candidates = self.view.search(q.detach().numpy(), self.fetch).passages
+        # the detached vectors search through the same retriever as everything else (hybrid, rerank)
+        candidates = self.view.retrieve(questions, self.fetch, vectors=q.detach().numpy())
         if self.fetch > self.top_k:
             chosen = _rerank(self.retriever, q.detach(), candidates, self.top_k)
         else:

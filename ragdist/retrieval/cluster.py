@@ -1,4 +1,12 @@
-"""Starting or attaching to Ray. A cluster we start binds to loopback only."""
+"""Starting or attaching to Ray. A cluster we start binds to loopback only.
+
+Ray has one supported switch for that: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in the environment when
+`ray` is first imported. Without it, Ray 2.60 resolves "127.0.0.1" (from `_node_ip_address`, or
+`ray start --node-ip-address`) to the host's routable address and its GCS, raylet and workers listen
+on every interface; neither `ray.init` nor `ray start` has an option that changes that. So the
+variable is set here before importing ray (`ragdist/__init__.py` sets it too), and a loopback
+cluster is refused, not started, when ray was imported earlier without it.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +14,20 @@ import logging
 import os
 import sys
 
+from ragdist.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
-# Ray reads this once, at import: unset, it resolves "127.0.0.1" to the machine's routable address
-# and binds the GCS and the workers there. Forcing it off keeps a local cluster on loopback.
-_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _force_loopback() -> None:
-    os.environ[_LOOPBACK_ENV] = "0"
+def _loopback_possible() -> bool:
+    """Set the variable if ray is not imported yet; else whether ray read it as we need (read only)."""
     consts = sys.modules.get("ray._private.ray_constants")
-    if consts is not None and getattr(consts, "ENABLE_RAY_CLUSTER", False):
-        # Ray was imported before us with the variable unset; the constant is read at call time.
-        consts.ENABLE_RAY_CLUSTER = False
+    if consts is None:
+        os.environ[LOOPBACK_ENV] = "0"
+        return True
+    return not getattr(consts, "ENABLE_RAY_CLUSTER", True)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "ragdist") -> str:
@@ -28,8 +37,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     (training ranks) attach to it instead of each starting a cluster of its own.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if not address:
-        _force_loopback()
+    if not address and not _loopback_possible():
+        import ray
+
+        if not ray.is_initialized():
+            raise ConfigError(
+                f"ray was imported before ragdist with {LOOPBACK_ENV} unset, so a local cluster would listen "
+                f"on every interface: export {LOOPBACK_ENV}=0 (or import ragdist first), or set "
+                "retrieval.address / $RAY_ADDRESS to a running cluster"
+            )
     import ray
 
     if ray.is_initialized():

@@ -79,5 +79,22 @@ class ServiceMetrics:
             "hedges": c["hedges"],
             "replica_failures": c["replica_failures"],
             "partial_results": c["partial_results"],
+            "lagging_retries": c["lagging_retries"],  # shards asked again because they were behind an epoch
+            "freshness_probes": c["probes"],  # all-cached answers checked with one replica
             "queries_by_version": dict(self.by_version),
         }
+
+
+def flat_metrics(m: dict[str, Any], prefix: str = "retrieval/") -> dict[str, float]:
+    """`ShardedRetriever.metrics()` as flat scalars, for a metrics logger (wandb, JSONL)."""
+    out = {f"{prefix}{k}": float(m[k]) for k in ("qps", "cache_hit_rate", "max_queue_depth", "retries", "hedges",
+                                                   "replica_failures", "partial_results", "controller_calls")
+           if k in m}
+    for p, v in m.get("latency_ms", {}).items():
+        out[f"{prefix}latency_{p}_ms"] = float(v)
+    for s, sm in m.get("shards", {}).items():
+        for p, v in sm["rtt_ms"].items():
+            out[f"{prefix}shard{s}/{p}_ms"] = float(v)
+    if m.get("hottest_shard") is not None:
+        out[f"{prefix}hottest_shard"] = float(m["hottest_shard"])
+    return out

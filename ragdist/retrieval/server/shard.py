@@ -17,7 +17,6 @@ import logging
 import os
 import statistics
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,9 @@ from ragdist.index.reader import (
     to_gpu,
 )
 from ragdist.index.snapshot import read_manifest
-from ragdist.retrieval.filters import FieldIndex, compile_filter, filter_mask
-from ragdist.retrieval.rows import RowStore
+from ragdist.retrieval.server.filters import FieldIndex, compile_filter, filter_mask
+from ragdist.retrieval.server.rows import RowStore
+from ragdist.utils.cache import LRU
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +266,14 @@ class ShardServer:
         self.device = self._device(device)
         self.backends, self.choice, self.calibration = self._backends(index, flat_backend, flat_dtype)
         self.fields = FieldIndex()
-        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._masks = LRU(32)  # filter masks, keyed by (filter, rows, epoch)
         self.lexical_enabled = lexical
         self._lexical: Any = None
         self._lexical_rows = -1
         if lexical:
             self._lexical_index()
         self.epoch = 0
+        self.generation = 0  # the service's topology generation, as last pushed by the controller
         self.controller = controller
         self.calls = 0
         self.queries = 0
@@ -330,7 +331,7 @@ class ShardServer:
         return index
 
     def _lexical_index(self) -> Any:
-        from ragdist.retrieval.lexical import LexicalIndex
+        from ragdist.retrieval.server.lexical import LexicalIndex
 
         if self._lexical is None or self._lexical_rows != self.rows.n:
             # bm25s has no incremental add: re-index after appends (they are rare next to queries).
@@ -360,11 +361,15 @@ class ShardServer:
         self.epoch = epoch
 
     def _catch_up(self, target: int | None) -> None:
+        """Read the missed update epochs from the controller: at start (a restarted replica) and when an
+        update arrives after a gap; never while answering a query."""
         import ray
 
         if self.controller is None:
             raise RetrievalError(f"shard {self.shard_id}: asked for update epoch {target} but it has no update log")
-        entries = ray.get(self.controller.log_since.remote(self.version_id, self.shard_id, self.epoch), timeout=60)
+        gen, entries = ray.get(self.controller.log_since.remote(self.version_id, self.shard_id, self.epoch),
+                               timeout=60)
+        self.generation = max(self.generation, int(gen))
         for e, ops in entries:
             if e > self.epoch:
                 self._apply_one(e, ops)
@@ -382,11 +387,7 @@ class ShardServer:
             m = filter_mask(flt, self.rows, self.fields)
             if vis is not None:
                 m &= vis
-            self._masks[key] = m
-            if len(self._masks) > 32:
-                self._masks.popitem(last=False)
-        else:
-            self._masks.move_to_end(key)
+            self._masks.put(key, m)
         return m
 
     def _dense(self, q: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -407,7 +408,9 @@ class ShardServer:
         """Top-k of this shard at one update epoch: scores, global ids, optionally BM25 hits and rows.
 
         `epoch` pins the epoch (the client reconciling shards); else the newest this shard has,
-        at least `min_epoch` (a client never reads older than it has already seen).
+        at least `min_epoch` (a client never reads older than it has already seen). A shard that
+        has not applied that epoch yet answers `{"behind": its epoch}` at once and the client asks
+        again: the update is on its way from the controller. Every answer carries the generation.
         """
         t0 = time.perf_counter()
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -417,12 +420,13 @@ class ShardServer:
             raise RetrievalError(f"k={k!r}: must be a positive integer")
         want = epoch if epoch is not None else max(self.epoch, min_epoch)
         if want > self.epoch:
-            self._catch_up(want)
+            return {"behind": self.epoch, "epoch": self.epoch, "gen": self.generation, "t": time.perf_counter() - t0}
         flt = compile_filter(filter)
         mask = self._mask(want, flt)
         D, ix = self._dense(q, int(k), mask)
         G = np.where(ix >= 0, self.rows.gids[np.clip(ix, 0, None)] if self.rows.n else -1, -1)
-        out: dict[str, Any] = {"D": np.ascontiguousarray(D, np.float32), "G": G.astype(np.int64), "epoch": want}
+        out: dict[str, Any] = {"D": np.ascontiguousarray(D, np.float32), "G": G.astype(np.int64), "epoch": want,
+                               "gen": self.generation}
         used = [ix]
         if lexical_k > 0:
             if texts is None or len(texts) != len(q):
@@ -466,6 +470,14 @@ class ShardServer:
             "pid": os.getpid(),
             "load_s": self.load_s,
         }
+
+    def set_generation(self, generation: int) -> int:
+        self.generation = max(self.generation, int(generation))
+        return self.generation
+
+    def state(self) -> tuple[int, int]:
+        """(generation, epoch): a cheap freshness check for a client about to answer from its cache."""
+        return self.generation, self.epoch
 
     def ping(self) -> bool:
         return True

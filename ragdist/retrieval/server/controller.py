@@ -3,8 +3,10 @@
 It holds, per loaded index version, `replicas` actors for every shard (Ray restarts a dead one,
 which reloads its shard from the snapshot and replays the version's update log from here), which
 version is primary, which is the canary and with what fraction of traffic, and the log of
-streaming updates. Clients read the topology once and then talk to shard actors directly; a
-cheap `state()` call tells them when the topology (generation) or the data (epoch) changed.
+streaming updates. Clients read the topology once and then talk to shard actors directly: every
+topology change bumps the generation and is pushed to every replica, and every update epoch is
+applied on every replica before `update` returns, so a shard's answer tells a client when its
+routing table or its epoch is out of date. Nothing here is on the search path.
 """
 
 from __future__ import annotations
@@ -12,34 +14,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ragdist.errors import RetrievalError
+from ragdist.errors import RetrievalError, cause
 from ragdist.index.builder import shard_of_doc
 from ragdist.index.snapshot import read_manifest, resolve
-from ragdist.retrieval.cluster import init_ray
-from ragdist.retrieval.shard import ShardServer
+from ragdist.retrieval.server.shard import ShardServer
 
 if TYPE_CHECKING:
-    from ragdist.retrieval.client import RetrievalConfig
+    from ragdist.retrieval.config import RetrievalConfig
 
 log = logging.getLogger(__name__)
 
-_OWNED: dict[str, Any] = {}
-
-
-def controller_name(service: str) -> str:
-    return f"ragdist-service:{service}"
-
-
-def cause(e: BaseException) -> str:
-    """The useful line of a (possibly remote) exception."""
-    msg = [m.strip() for m in str(e).strip().splitlines() if m.strip()]
-    useful = [m for m in msg if "Error" in m and "Traceback" not in m] or msg
-    return useful[-1] if useful else type(e).__name__
+REPAIR_TRIES = 30  # a replica that missed an update epoch is re-sent it this many times, a second apart
 
 
 @dataclass
@@ -83,6 +74,7 @@ class ServiceController:
         self._lock = threading.RLock()  # topology
         self._update = threading.Lock()  # one update at a time, in epoch order
         self._log = threading.Lock()  # log reads never wait for an update in flight
+        self.reads: Counter[str] = Counter()  # topology / state / log reads served (tests count round trips)
 
     # ------------------------------------------------------------------ versions
     def load(self, snapshot: str, make_primary: bool | None = None) -> str:
@@ -127,6 +119,7 @@ class ServiceController:
             if make_primary or (make_primary is None and not self.primary):
                 self.primary = vid
             self.generation += 1
+        self._publish()
         return vid
 
     def _start_replicas(self, path: str, manifest: dict[str, Any], vid: str) -> list[list[Any]]:
@@ -186,6 +179,7 @@ class ServiceController:
                 raise RetrievalError(f"canary fraction {fraction!r} must be within [0, 1]")
             self.canary = (vid, float(fraction))
             self.generation += 1
+        self._publish()
 
     def promote(self, vid: str | None = None) -> str:
         """Make `vid` (default: the canary) the primary in one step; the old primary is kept for rollback."""
@@ -209,6 +203,7 @@ class ServiceController:
             self.generation += 1
             gone = [self.versions.pop(r) for r in retired if r in self.versions]
         self._kill(gone)
+        self._publish()
         return vid
 
     def rollback(self) -> str:
@@ -223,8 +218,10 @@ class ServiceController:
             else:
                 raise RetrievalError("nothing to roll back: no canary and no previous primary")
             self.generation += 1
+            primary = self.primary
         self._kill(gone)
-        return self.primary
+        self._publish()
+        return primary
 
     def unload(self, vid: str) -> None:
         with self._lock:
@@ -238,6 +235,22 @@ class ServiceController:
             gone = [self.versions.pop(vid)]
             self.generation += 1
         self._kill(gone)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Tell every replica the new generation, so that clients learn of it from their next answer.
+
+        Returns once the live replicas acknowledged: a search that starts after an admin call
+        returns sees the change. A dead replica learns it when Ray restarts it (`log_since`)."""
+        import ray
+
+        with self._lock:
+            gen = self.generation
+            handles = [h for v in self.versions.values() for reps in v.replicas for h in reps]
+        refs = [h.set_generation.remote(gen) for h in handles]
+        if refs:
+            # Bounded by one attempt: a replica Ray is restarting reads the generation when it starts.
+            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.attempt_timeout_s)
 
     @staticmethod
     def _kill(versions: list[Version]) -> None:
@@ -251,6 +264,7 @@ class ServiceController:
     # ------------------------------------------------------------------ reads
     def topology(self) -> dict[str, Any]:
         with self._lock:
+            self.reads["topology"] += 1
             p = self.versions.get(self.primary)
             return {
                 "generation": self.generation,
@@ -266,16 +280,22 @@ class ServiceController:
             }
 
     def state(self) -> tuple[int, dict[str, int]]:
-        """(generation, epoch per version): what a client checks before trusting its cache."""
+        """(generation, epoch per version)."""
         with self._lock:
+            self.reads["state"] += 1
             return self.generation, {vid: v.epoch for vid, v in self.versions.items()}
 
-    def log_since(self, vid: str, shard: int, after: int) -> list[tuple[int, dict[str, Any]]]:
+    def read_counts(self) -> dict[str, int]:
+        """How many topology / state / log reads this controller has served (not counting this one)."""
+        return dict(self.reads)
+
+    def log_since(self, vid: str, shard: int, after: int) -> tuple[int, list[tuple[int, dict[str, Any]]]]:
+        """(generation, the version's update epochs after `after` for `shard`): a replica catching up."""
         with self._log:
+            self.reads["log_since"] += 1
             v = self.versions.get(vid)
-            if v is None:
-                return []
-            return [(e, ops.get(shard, {})) for e, ops in v.log if e > after]
+            entries = [] if v is None else [(e, ops.get(shard, {})) for e, ops in v.log if e > after]
+        return self.generation, entries
 
     def replica_info(self) -> list[dict[str, Any]]:
         import ray
@@ -339,14 +359,18 @@ class ServiceController:
                 }
             with self._log:
                 v.log.append((epoch, ops))
-            refs = [(h, h.apply.remote(epoch, ops[s])) for s, reps in enumerate(v.replicas) for h in reps]
-            lagging = 0
-            for _h, ref in refs:
+            refs = [(h, s, h.apply.remote(epoch, ops[s])) for s, reps in enumerate(v.replicas) for h in reps]
+            lagging = []
+            for h, s, ref in refs:
                 try:
                     ray.get(ref, timeout=self.cfg.timeout_s)
                 except Exception as e:  # a dead replica replays the log when Ray restarts it
-                    lagging += 1
+                    lagging.append((h, s))
                     log.warning("update epoch %d: a replica did not apply it now (%s)", epoch, cause(e))
+            if lagging:
+                # Readers wait for a shard that is behind rather than have it read the log on the search
+                # path: keep re-sending the epoch (the replica fetches any gap itself) until it lands.
+                threading.Thread(target=self._repair, args=(v.vid, epoch, lagging, ops), daemon=True).start()
             for cid in ids:
                 v.written[cid] = max(v.written.get(cid, -np.inf), ts)
             for d in dels:
@@ -355,7 +379,26 @@ class ServiceController:
             with self._lock:
                 v.epoch = epoch
             return {"version": v.vid, "epoch": epoch, "upserted": len(rows), "deleted": len(dels),
-                    "skipped": skipped, "lagging_replicas": lagging}
+                    "skipped": skipped, "lagging_replicas": len(lagging)}
+
+    def _repair(self, vid: str, epoch: int, lagging: list[tuple[Any, int]], ops: dict[int, dict[str, Any]]) -> None:
+        import ray
+
+        for _ in range(REPAIR_TRIES):
+            time.sleep(1.0)
+            with self._lock:
+                if vid not in self.versions:
+                    return
+            still = []
+            for h, s in lagging:
+                try:
+                    ray.get(h.apply.remote(epoch, ops[s]), timeout=self.cfg.timeout_s)
+                except Exception:
+                    still.append((h, s))
+            if not still:
+                return
+            lagging = still
+        log.warning("update epoch %d of %s: %d replica(s) still behind", epoch, vid, len(lagging))
 
     def compact(self, vid: str | None = None, promote: bool = True) -> dict[str, Any]:
         """Fold the version's update log into a new snapshot on disk, load it and (default) promote it.
@@ -399,69 +442,3 @@ class ServiceController:
             self.generation += 1
         self._kill(gone)
 
-
-def start_service(snapshot: str, cfg: RetrievalConfig) -> Any:
-    """Start (or replace) the named service serving `snapshot`; wait until every replica is loaded."""
-    import ray
-
-    init_ray(cfg.address or None, num_cpus=cfg.ray_num_cpus, namespace=cfg.namespace)
-    validate_config(cfg)
-    name = controller_name(cfg.service_name)
-    try:
-        old = ray.get_actor(name, namespace=cfg.namespace)
-        ray.get(old.shutdown.remote(), timeout=cfg.timeout_s)
-        ray.kill(old, no_restart=True)
-    except ValueError:
-        pass  # no previous service of that name
-    lifetime = "detached" if cfg.detached else None
-    controller = (
-        ray.remote(ServiceController)
-        .options(name=name, namespace=cfg.namespace, num_cpus=0, lifetime=lifetime, max_concurrency=16)
-        .remote(cfg)
-    )
-    t0 = time.perf_counter()
-    try:
-        vid = ray.get(controller.load.remote(str(snapshot)))
-    except Exception as e:
-        ray.kill(controller, no_restart=True)
-        raise RetrievalError(f"retrieval service failed to load {snapshot}: {cause(e)}") from None
-    # A non-detached actor dies with its last handle: keep one for as long as this process runs.
-    _OWNED[cfg.service_name] = controller
-    log.info("retrieval service %r: %s up in %.1fs (%d replica(s) per shard)", cfg.service_name, vid,
-             time.perf_counter() - t0, cfg.replicas)
-    return controller
-
-
-def stop_service(cfg: RetrievalConfig) -> None:
-    import ray
-
-    try:
-        ctl = ray.get_actor(controller_name(cfg.service_name), namespace=cfg.namespace)
-    except ValueError:
-        return
-    try:
-        ray.get(ctl.shutdown.remote(), timeout=cfg.timeout_s)
-    finally:
-        ray.kill(ctl, no_restart=True)
-        _OWNED.pop(cfg.service_name, None)
-
-
-def validate_config(cfg: RetrievalConfig) -> None:
-    from ragdist.errors import ConfigError
-
-    checks = [
-        (cfg.replicas >= 1, f"retrieval.replicas={cfg.replicas}: must be >= 1"),
-        (cfg.on_shard_down in ("raise", "partial"), f"retrieval.on_shard_down={cfg.on_shard_down!r}: raise | partial"),
-        (cfg.flat_backend in ("auto", "faiss", "torch"), f"retrieval.flat_backend={cfg.flat_backend!r}: auto | faiss | torch"),
-        (cfg.flat_dtype in ("fp32", "bf16"), f"retrieval.flat_dtype={cfg.flat_dtype!r}: fp32 | bf16"),
-        (cfg.device in ("auto", "cpu", "gpu"), f"retrieval.device={cfg.device!r}: auto | cpu | gpu"),
-        (cfg.shards_per_gpu >= 1, f"retrieval.shards_per_gpu={cfg.shards_per_gpu}: must be >= 1"),
-        (cfg.timeout_s > 0 and cfg.attempt_timeout_s > 0, "retrieval.timeout_s and attempt_timeout_s must be > 0"),
-        (cfg.k_beyond_corpus in ("pad", "error"), f"retrieval.k_beyond_corpus={cfg.k_beyond_corpus!r}: pad | error"),
-        (cfg.hybrid.rrf_k > 0 and cfg.hybrid.depth > 0, "retrieval.hybrid.rrf_k and depth must be > 0"),
-        (cfg.hybrid.dense_weight >= 0 and cfg.hybrid.lexical_weight >= 0, "retrieval.hybrid weights must be >= 0"),
-        (cfg.rerank.top_n > 0, f"retrieval.rerank.top_n={cfg.rerank.top_n}: must be > 0"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
