@@ -151,11 +151,14 @@ class JointRetriever(nn.Module):
         """The side=query passage-vector cache, in insertion order (None when there is none)."""
         if self.side != "query":
             return None
-        keys = list(self._cache)
-        return {"keys": keys, "vectors": torch.stack([self._cache[k] for k in keys]) if keys else torch.zeros(0)}
+        entries = self._cache.items()
+        keys = [k for k, _ in entries]
+        return {"keys": keys, "vectors": torch.stack([v for _, v in entries]) if entries else torch.zeros(0)}
 
     def load_cache_state(self, state: dict[str, Any]) -> None:
-        self._cache = OrderedDict(zip(state["keys"], state["vectors"]))
+        self._cache.clear()
+        for k, v in zip(state["keys"], state["vectors"]):
+            self._cache.put(k, v)
 
     def perturb_query(self, noise: float, seed: int) -> None:
         """Gaussian noise of `noise` × each weight matrix's own std: a deliberately weakened starting

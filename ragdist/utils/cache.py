@@ -45,5 +45,12 @@ class LRU:
         with self._lock:
             return key in self._data
 
+    def items(self) -> list[tuple[Hashable, Any]]:
+        """A snapshot of the entries (e.g. to checkpoint a cache whose values must survive a resume)."""
+        if self._data is None:
+            return []
+        with self._lock:
+            return list(self._data.items())
+
     def __len__(self) -> int:
         return 0 if self._data is None else len(self._data)
