@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import logging
 import string
-import threading
 import time
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 
 from ragdist.errors import ConfigError, IndexError_
 from ragdist.train.model import IGNORE
+from ragdist.utils.cache import LRU
 
 log = logging.getLogger(__name__)
 
@@ -99,27 +98,23 @@ class TokenMemo:
     """Token ids of recently encoded texts, so a passage that recurs (across batches, epochs, or as
     several questions' context) costs one tokenizer call; the ids are exactly the tokenizer's.
 
-    Bounded (oldest entries go first); ids are stored as int32 arrays; safe to share between threads.
+    Bounded (least recently used entries go first); ids are stored as int32 arrays; safe to share
+    between threads.
     """
 
     def __init__(self, tokenizer: Any, size: int = 16384):
         self.tokenizer, self.size = tokenizer, size
-        self._memo: dict[str, array] = {}
-        self._lock = threading.Lock()
+        self._memo = LRU(size)
         self.hits = self.misses = 0
 
     def __call__(self, text: str) -> list[int]:
-        with self._lock:
-            hit = self._memo.get(text)
+        hit = self._memo.get(text)
         if hit is not None:
             self.hits += 1
             return hit.tolist()
         self.misses += 1
         ids = _ids(self.tokenizer, text)
-        with self._lock:
-            self._memo[text] = array("i", ids)
-            while len(self._memo) > self.size:
-                del self._memo[next(iter(self._memo))]
+        self._memo.put(text, array("i", ids))
         return ids
 
 
@@ -297,8 +292,7 @@ class Summarizer:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.fmt = fmt
-        self.cache: OrderedDict[tuple[str, ...], str] = OrderedDict()
-        self.cache_size = cache_size
+        self.cache = LRU(cache_size)
 
     @torch.no_grad()
     def __call__(self, passage_lists: list[list[dict[str, Any]]]) -> list[str]:
@@ -321,9 +315,7 @@ class Summarizer:
             )
             new = out[:, batch["input_ids"].shape[1] :]
             for i, row in zip(todo, new):
-                self.cache[keys[i]] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-                if len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
+                self.cache.put(keys[i], self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return [self.cache.get(k, "") if ps else "" for k, ps in zip(keys, passage_lists)]
 
 
