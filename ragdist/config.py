@@ -1,7 +1,9 @@
-"""The run's config schema: one dataclass per group, each defined beside the code that uses it.
+"""The run's config: assembles each group's schema, nothing else.
 
-Registered in Hydra's ConfigStore so that an unknown key (`index.num_shard=4`) fails at compose
-time naming the key, and a wrong type fails naming the value.
+Each group's dataclass lives in a leaf module beside its code (`ragdist/<group>/config.py`) and checks
+its own values in `__post_init__`. Registered in Hydra's ConfigStore, so an unknown key
+(`index.num_shard=4`) or a wrong type fails at compose time naming the key; a bad value fails at the
+one `check(cfg)` step (the typed objects are built once, as each console script starts), naming the key.
 """
 
 from __future__ import annotations
@@ -12,16 +14,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ragdist.data.corpus import CorpusConfig
-from ragdist.data.qa import DataConfig
-from ragdist.embed.embedder import EmbedderConfig
-from ragdist.eval.runner import EvalConfig
-from ragdist.index.builder import IndexConfig
+from ragdist.data.config import CorpusConfig, DataConfig
+from ragdist.embed.config import EmbedderConfig
+from ragdist.eval.config import EvalConfig
+from ragdist.index.config import IndexConfig
 from ragdist.joint.config import JointConfig
-from ragdist.retrieval.client import RetrievalConfig
-from ragdist.train.engine import TrainerConfig
-from ragdist.train.model import ModelConfig
-from ragdist.train.peft import PeftConfig
+from ragdist.retrieval.config import RetrievalConfig
+from ragdist.train.config import ModelConfig, PeftConfig, TrainerConfig
 from ragdist.utils.logger import LoggerConfig
 
 GROUPS: dict[str, type] = {
@@ -114,7 +113,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = hcompose(config_name=config_name, overrides=list(overrides or []))
-    validate_keys(cfg)
+    check(cfg)
     return cfg
 
 
@@ -131,6 +130,15 @@ def load_resolved(path: str | Path) -> DictConfig:
 def typed_config(plain: dict[str, Any]) -> DictConfig:
     """A plain config (e.g. one sent to other processes) re-typed against the schema."""
     return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(plain))  # type: ignore[return-value]
+
+
+def check(cfg: DictConfig) -> None:
+    """Unknown keys refused, then every group's values checked (each dataclass's `__post_init__` runs as
+    the group becomes an object). Groups only: `run_dir` may interpolate Hydra's run-time values."""
+    validate_keys(cfg)
+    for group in GROUPS:
+        if group in cfg:
+            OmegaConf.to_object(cfg[group])
 
 
 def as_object(node: Any) -> Any:

@@ -11,7 +11,7 @@ import torch
 
 from ragdist.errors import ConfigError
 from ragdist.joint import losses
-from ragdist.joint.config import JointConfig, check_joint_config
+from ragdist.joint.config import JointConfig, check_joint_top_k
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,10 @@ def test_unknown_loss_and_bad_shapes():
     ],
 )
 def test_config_errors_name_the_key(overrides, match):
-    cfg = JointConfig(**{"loss": "lsr", **overrides})
-    with pytest.raises(ConfigError, match=match):
-        check_joint_config(cfg, top_k=4)
+    with pytest.raises(ConfigError, match=match):  # refused as the config is built, or against top_k
+        check_joint_top_k(JointConfig(**{"loss": "lsr", **overrides}), top_k=4)
     with pytest.raises(ConfigError, match="at least 2 passages"):
-        check_joint_config(JointConfig(loss="lsr"), top_k=1)
+        check_joint_top_k(JointConfig(loss="lsr"), top_k=1)
 
 
 def test_joint_group_composes_and_refuses_unknown_keys():

@@ -16,35 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragdist.data.config import FORMATS, CorpusConfig, CorpusFields  # noqa: F401 - the schema's home is data/config.py
 from ragdist.errors import DataError
 
 KNOWN_FIELDS = ("id", "text", "title", "source", "timestamp", "meta")
-FORMATS = ("jsonl", "parquet", "datasets")
 _GZIP_MAGIC = b"\x1f\x8b"
 _BATCH_ROWS = 4096
-
-
-@dataclass
-class CorpusFields:
-    """The key (JSONL) or column (Parquet, datasets) that holds each document field."""
-
-    id: str = "id"
-    text: str = "text"
-    title: str = "title"
-    source: str = "source"
-    timestamp: str = "timestamp"
-    meta: str = "meta"
-
-
-@dataclass
-class CorpusConfig:
-    # .jsonl / .jsonl.gz / .parquet file or a `datasets` save_to_disk directory; empty = the built-in data.
-    path: str = ""
-    format: str = "auto"  # auto (from the extension) | jsonl | parquet | datasets
-    fields: CorpusFields = field(default_factory=CorpusFields)
-    chunk_tokens: int = 128  # window length in embedder tokens
-    chunk_overlap: int = 32  # tokens shared by consecutive windows
-    max_docs: int | None = None
 
 
 @dataclass

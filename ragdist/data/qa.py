@@ -14,36 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragdist.data.config import DataConfig, QAFields  # noqa: F401 - the schema's home is data/config.py
 from ragdist.data.corpus import id_value, read_rows, type_name, wrong_type
 from ragdist.errors import DataError
 
 log = logging.getLogger("ragdist.data")
-
-
-@dataclass
-class QAFields:
-    """The key (JSONL) or column (Parquet, datasets) that holds each QA field."""
-
-    id: str = "id"
-    question: str = "question"
-    answers: str = "answers"  # with the default name, a singular `answer` key is read too
-    gold_ids: str = "gold_ids"
-
-
-@dataclass
-class DataConfig:
-    # QA files (.jsonl / .jsonl.gz / .parquet / a `datasets` directory); empty means the built-in dataset.
-    train: str = ""
-    eval: str = ""
-    format: str = "auto"  # auto (from the extension) | jsonl | parquet | datasets
-    fields: QAFields = field(default_factory=QAFields)
-    builtin: str = "airports"  # which built-in dataset to materialize when paths are empty: airports | elements
-    builtin_dir: str = "data/builtin"  # where it is written (cached by its parameters)
-    num_entities: int = 2000  # built-in: how many entities (airports, or elements: at most 118)
-    eval_fraction: float = 0.15  # built-in: share of entities held out for eval
-    max_train: int | None = None
-    max_eval: int | None = 300
-    seed: int = 0
 
 
 @dataclass

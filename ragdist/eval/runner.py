@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 
 from ragdist.data.qa import QAExample
 from ragdist.eval import metrics as M
+from ragdist.eval.config import STRATEGIES, EvalConfig  # noqa: F401 - the schema lives in eval/config.py
 from ragdist.eval.robustness import (
     Passage,
     insert_at_random,
@@ -29,41 +30,6 @@ from ragdist.eval.robustness import (
 from ragdist.train.examples import collate_prompts, prompt_ids
 
 Retrieve = Callable[[list[str], int], list[list[Passage]]]
-
-# The rows of the comparison, in table order (see ragdist/eval/compare.py).
-STRATEGIES = ["closed_book", "base_rag", "closed_book_rag", "rag", "joint"]
-
-
-@dataclass
-class EvalConfig:
-    max_new_tokens: int = 16
-    batch_size: int = 32
-    max_questions: int | None = None
-    max_prompt_len: int = 256
-    checkpoint: str = ""  # ragdist-eval: model dir to evaluate ("" = the run's checkpoints)
-    run_dir: str = ""  # ragdist-eval: a finished run whose checkpoints to evaluate
-    # ragdist-eval: train the rows that have no checkpoint yet (rag, closed_book), then compare.
-    compare: bool = False
-    # Which rows to report (those whose inputs exist): closed_book | base_rag | closed_book_rag | rag | joint.
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
-    # A joint (generator + retriever) run to add as a row: its run dir; the parts below override it.
-    joint_run: str = ""
-    joint_checkpoint: str = ""  # generator dir ("" = <joint_run>/checkpoints/joint, else .../rag)
-    joint_snapshot: str = ""  # index snapshot ("" = the joint run's index.snapshot)
-    joint_encoder: str = ""  # query encoder dir ("" = <joint_run>/retriever, else the run's embedder)
-    topk_sweep: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 5])  # EM vs number of passages
-    recall_ks: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 10])  # P/R/nDCG@k cut-offs
-    distractors: list[int] = field(default_factory=lambda: [1, 3])  # passages added for the robustness EM
-    distractor_source: str = "hard"  # hard (ranked below top-k, not answering) | random (from the corpus)
-    order_checks: bool = True  # EM with the passage order reversed and shuffled
-    latency_samples: int = 32  # questions timed one at a time (batch size 1), per strategy
-    latency_warmup: int = 2  # untimed questions before those
-    nli_model: str = ""  # local HF sequence-classification dir: model-based faithfulness ("" = off)
-    nli_label: str = "entailment"
-    nli_threshold: float = 0.5
-    nli_batch_size: int = 16
-    plots: bool = True
-    seed: int = 0
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +11,9 @@ import numpy as np
 
 from ragdist.data.corpus import Chunk
 from ragdist.errors import ConfigError, IndexError_
+from ragdist.index.config import IndexConfig
 from ragdist.index.reader import exactly_reconstructable, set_search_params
 from ragdist.index.snapshot import SnapshotWriter
-
-
-@dataclass
-class IndexConfig:
-    factory: str = "Flat"  # any faiss.index_factory string: Flat, IVF256,Flat, IVF256,PQ32, HNSW32, SQ8 …
-    metric: str = "ip"  # ip (cosine on normalized vectors) | l2
-    num_shards: int = 2
-    sharding: str = "contiguous"  # contiguous | hash (of the document id)
-    root: str = "indexes/default"  # snapshot root: versions live below it
-    snapshot: str = ""  # use this existing snapshot (dir or root) instead of building one
-    rebuild: bool = False  # build a new version even when one with the same inputs exists
-    train_sample: int = 100_000  # vectors used to train quantizers (IVF/PQ/SQ)
-    nprobe: int = 16  # IVF search breadth (recorded in the manifest as the serving default)
-    efsearch: int = 64  # HNSW search breadth (likewise)
-    # Keep each shard's exact float32 vectors beside its index (.npy): "auto" does so only when the
-    # index stores lossy codes (PQ, SQ), so that a reshard never needs to re-embed.
-    store_vectors: str = "auto"  # auto | always | never
-    recall_queries: int = 256  # held-out queries for the approximate index's recall@k (0 = skip)
-    recall_k: int = 10
-    seed: int = 0
 
 
 def faiss_metric(metric: str) -> int:

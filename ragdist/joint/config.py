@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ragdist.errors import ConfigError
+from ragdist.utils.validate import at_least, non_negative, one_of, positive, require
+
+#: The retriever losses joint training knows (ragdist/joint/losses.py implements them).
+LOSSES = ("rag_nll", "lsr", "pdist", "emdr2")
 
 
 @dataclass
@@ -53,37 +57,31 @@ class JointConfig:
     refresh_final: bool = True  # one last refresh after the last step: the saved index matches the saved encoder
     refresh_root: str = ""  # "" = <run_dir>/joint/index
 
+    def __post_init__(self) -> None:
+        one_of("joint.loss", self.loss, ("none", *LOSSES))
+        one_of("joint.side", self.side, ("query", "both"))
+        one_of("joint.schedule", self.schedule, ("constant", "linear", "cosine"))
+        non_negative("joint.top_k", self.top_k)
+        non_negative("joint.candidates", self.candidates)
+        for key in ("retriever_temperature", "lm_temperature", "refresh_timeout_s"):
+            positive(f"joint.{key}", getattr(self, key))
+        for key in ("generator_weight", "retriever_weight", "lr", "query_noise", "refresh_drift", "grad_clip",
+                    "refresh_every", "refresh_max_staleness", "refresh_max_retries", "refresh_probe",
+                    "retriever_start_step", "refresh_wait_staleness", "refresh_backoff_s"):
+            non_negative(f"joint.{key}", getattr(self, key))
+        for key in ("refresh_workers", "refresh_threads", "refresh_batch_size", "refresh_drift_every",
+                    "refresh_keep_versions", "encoder_max_length"):
+            at_least(f"joint.{key}", getattr(self, key), 1)
+        require(bool(self.recall_ks) and all(k >= 1 for k in self.recall_ks),
+                f"joint.recall_ks={list(self.recall_ks)}: positive integers, at least one")
+        require(self.side == "both" or not (self.refresh_every or self.refresh_max_staleness or self.refresh_drift
+                                            or self.refresh_wait_staleness),
+                "joint.refresh_* triggers need joint.side=both: with side=query the index never goes stale")
 
-def check_joint_config(cfg: JointConfig, top_k: int) -> None:
-    from ragdist.joint.losses import LOSSES
 
-    if cfg.loss not in LOSSES:
-        raise ConfigError(f"joint.loss={cfg.loss!r}: expected none or one of {', '.join(LOSSES)}")
-    if cfg.side not in ("query", "both"):
-        raise ConfigError(f"joint.side={cfg.side!r}: expected 'query' or 'both'")
+def check_joint_top_k(cfg: JointConfig, top_k: int) -> None:
+    """What depends on the retrieval group too: the passages per question the retriever scores."""
     if top_k < 2:
         raise ConfigError(f"joint.top_k={top_k}: the retriever's distribution needs at least 2 passages per question")
     if cfg.candidates and cfg.candidates < top_k:
         raise ConfigError(f"joint.candidates={cfg.candidates}: must be 0 or at least joint.top_k={top_k}")
-    for key in ("retriever_temperature", "lm_temperature"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must be positive")
-    for key in ("generator_weight", "retriever_weight", "lr", "query_noise", "refresh_drift", "grad_clip"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must not be negative")
-    if cfg.schedule not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"joint.schedule={cfg.schedule!r}: expected constant, linear or cosine")
-    if not cfg.recall_ks or any(k < 1 for k in cfg.recall_ks):
-        raise ConfigError(f"joint.recall_ks={list(cfg.recall_ks)}: positive integers, at least one")
-    for key in ("refresh_every", "refresh_max_staleness", "refresh_max_retries", "refresh_probe", "retriever_start_step",
-                "refresh_wait_staleness"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must not be negative")
-    for key in ("refresh_workers", "refresh_threads", "refresh_batch_size", "refresh_drift_every", "refresh_keep_versions"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"joint.{key}={getattr(cfg, key)}: must be at least 1")
-    if cfg.refresh_timeout_s <= 0 or cfg.refresh_backoff_s < 0:
-        raise ConfigError("joint.refresh_timeout_s must be positive and joint.refresh_backoff_s not negative")
-    if cfg.side == "query" and (cfg.refresh_every or cfg.refresh_max_staleness or cfg.refresh_drift
-                                or cfg.refresh_wait_staleness):
-        raise ConfigError("joint.refresh_* triggers need joint.side=both: with side=query the index never goes stale")

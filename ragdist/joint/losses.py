@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ragdist.errors import ConfigError
-
-LOSSES = ("rag_nll", "lsr", "pdist", "emdr2")
+from ragdist.joint.config import LOSSES
 
 
 def retriever_log_probs(scores: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ragdist.distributed import on_rank0
 from ragdist.errors import ConfigError
-from ragdist.joint.config import JointConfig, check_joint_config
+from ragdist.joint.config import JointConfig, check_joint_top_k
 from ragdist.joint.refresh import ServedVersion
 from ragdist.train.trainer import Hook, Position, Trainer, finished_summary
 
@@ -324,7 +324,7 @@ def train_joint(
 
     run_dir = Path(run_dir)
     top_k = joint.top_k or retrieval.top_k
-    check_joint_config(joint, top_k)
+    check_joint_top_k(joint, top_k)
     done = finished_summary(run_dir, variant, trainer)
     if done is not None:
         log.info("[%s] already trained to step %d in %s; skipping", variant, done["steps"], run_dir)

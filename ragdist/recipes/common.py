@@ -141,10 +141,10 @@ def cli(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Bad input ends the program with one clear line and exit status 2, no traceback."""
 
     def wrapped(cfg: DictConfig) -> Any:
-        from ragdist.config import validate_keys
+        from ragdist.config import check
 
         try:
-            validate_keys(cfg)
+            check(cfg)  # every key known and every value valid, before anything starts
             return fn(cfg)
         except RagdistError as e:
             print(f"ragdist: error: {e}", file=sys.stderr, flush=True)

@@ -54,6 +54,9 @@ class RetrievalConfig:
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
+    def __post_init__(self) -> None:
+        validate_config(self)
+
 
 def controller_name(service: str) -> str:
     """The Ray actor name of a service's controller."""

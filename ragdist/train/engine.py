@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -17,54 +16,7 @@ import torch
 from torch import nn
 
 from ragdist.errors import ConfigError
-from ragdist.train.examples import ExamplesConfig
-
-
-@dataclass
-class TrainerConfig:
-    engine: str = "deepspeed"  # deepspeed | fsdp
-    nproc: int = 2  # ranks ragdist-train spawns on this node when not started by a launcher
-    zero_stage: int = 2  # DeepSpeed only: 0 (plain data parallel), 1, 2 or 3
-    # CPU offload. DeepSpeed: optimizer state (ZeRO 1-3) and parameters (ZeRO-3 only);
-    # FSDP2: either one turns on CPUOffloadPolicy, which offloads parameters, gradients and the step.
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    min_lr_ratio: float = 0.1
-    max_steps: int = 1000
-    grad_clip: float = 1.0  # 0 = no clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: DeepSpeed only)
-    max_seq_len: int = 256
-    log_every: int = 25
-    seed: int = 0
-    omp_threads: int = 1  # per rank; more threads per rank than cores/ranks only oversubscribes
-    master_port: int = 0  # 0 = pick a free port
-    variants: list[str] = field(default_factory=lambda: ["rag", "closed_book"])
-    ds_config: str = ""  # a raw DeepSpeed JSON file; overrides what is derived from this config
-    # DeepSpeed on CPU ranks: "gloo" = DeepSpeed's own collectives on the process group; "shm"
-    # (opt-in) routes its gradient all-reduce and parameter all-gather through shared memory on one
-    # node (same results, a fraction of gloo's loopback time; see train/deepspeed_shm.py). GPU: NCCL.
-    cpu_collectives: str = "gloo"
-    # PyTorch's fused AdamW kernel (CPU or CUDA). On CPU it updated a 2.2M-parameter ZeRO partition
-    # in 1.3 ms instead of 8.7 ms; its results differ from the default AdamW in the last bit of some
-    # elements, so a run's loss trajectory changes with it: off unless asked for.
-    fused_optimizer: bool = False
-    # Checkpoints of the training state (model, optimizer, scheduler, RNG, data position) under
-    # <run_dir>/train_state/<variant>/step_N; 0 = only at the end.
-    save_every: int = 0
-    keep_checkpoints: int = 2  # newest checkpoints kept per variant
-    resume: str = ""  # "" = start fresh | auto = newest checkpoint of this run_dir if any | a path
-    # Batches each rank builds ahead (retrieval included) in a background thread; 0 = inline. Deeper
-    # than retrieval_lookahead, so that one lookahead call's embedding spreads over several steps.
-    prefetch_depth: int = 16
-    retrieval_lookahead: int = 8  # questions of this many upcoming batches retrieved in one call; 1 = per batch
-    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+from ragdist.train.config import TrainerConfig
 
 
 @runtime_checkable
@@ -120,28 +72,6 @@ def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return f
-
-
-def check_trainer_config(cfg: TrainerConfig) -> None:
-    """Values the schema's types cannot rule out, refused before any process group exists."""
-    if cfg.engine not in ("deepspeed", "fsdp"):
-        raise ConfigError(f"trainer.engine={cfg.engine!r}: expected 'deepspeed' or 'fsdp'")
-    if cfg.cpu_collectives not in ("shm", "gloo"):
-        raise ConfigError(f"trainer.cpu_collectives={cfg.cpu_collectives!r}: expected 'shm' or 'gloo'")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"trainer.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
-    for key in ("micro_batch_size", "grad_accum", "max_steps", "retrieval_lookahead"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"trainer.{key}={getattr(cfg, key)}: must be at least 1")
-    for key in ("save_every", "prefetch_depth", "warmup_steps"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"trainer.{key}={getattr(cfg, key)}: must not be negative")
-    if cfg.keep_checkpoints < 1:
-        raise ConfigError(f"trainer.keep_checkpoints={cfg.keep_checkpoints}: keep at least 1")
-    if cfg.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"trainer.schedule={cfg.schedule!r}: expected cosine, linear or constant")
-    if len(cfg.betas) != 2:
-        raise ConfigError(f"trainer.betas={list(cfg.betas)}: expected two numbers")
 
 
 def adamw(params: list[nn.Parameter], cfg: TrainerConfig) -> torch.optim.Optimizer:

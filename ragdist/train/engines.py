@@ -7,12 +7,11 @@ from pathlib import Path
 
 from torch import nn
 
-from ragdist.train.engine import TrainEngine, TrainerConfig, check_trainer_config
+from ragdist.train.engine import TrainEngine, TrainerConfig
 
 
 def build_engine(cfg: TrainerConfig, build_module: Callable[[], nn.Module], run_dir: str | Path) -> TrainEngine:
     """`build_module` is called once, inside the engine, after whatever must precede model construction."""
-    check_trainer_config(cfg)
     if cfg.engine == "deepspeed":
         from ragdist.train.deepspeed_engine import DeepSpeedEngine
 

@@ -14,7 +14,6 @@ building it in a background thread (prefetch) or inline gives the same tensors:
 from __future__ import annotations
 
 import logging
-import string
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -26,68 +25,12 @@ import numpy as np
 import torch
 
 from ragdist.errors import ConfigError, IndexError_
+from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE, ExamplesConfig
 from ragdist.train.model import IGNORE
 from ragdist.utils.cache import LRU
 
 log = logging.getLogger(__name__)
 
-PASSAGE_TEMPLATE = "passage {n}: {title}. {text}\n"
-QUESTION_TEMPLATE = "question: {question}\nanswer:"
-
-
-@dataclass
-class ExamplesConfig:
-    # Each retrieved passage, in order; fields: {n} (1-based position), {title}, {text}.
-    passage_template: str = PASSAGE_TEMPLATE
-    # After the passages; fields: {question}. The answer follows it after one space.
-    question_template: str = QUESTION_TEMPLATE
-    aggregation: str = "concat"  # concat | sequential | summarize
-    shuffle_passages: bool = True  # seeded shuffle while training; eval keeps rank order
-    distractor_p: float = 0.0  # per passage slot, probability that a distractor replaces / joins it
-    distractor_mode: str = "replace"  # replace | add
-    distractor_source: str = "lower_ranks"  # lower_ranks (over-retrieved) | random (any passage)
-    over_retrieve: int = 0  # lower ranks fetched for distractors; 0 = as many as top_k
-    inject_gold_p: float = 0.0  # probability of putting the gold passage in when retrieval missed it
-    answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
-    # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
-    summary_model: str = ""
-    summary_prompt: str = "{passages}summary:"  # fields: {passages} (the formatted passages)
-    summary_max_new_tokens: int = 24
-    summary_max_input: int = 192  # tokens of passages the summarizer reads
-
-
-def check_examples_config(cfg: ExamplesConfig) -> None:
-    _check_fields(cfg.passage_template, {"n", "title", "text"}, set(), "passage_template")
-    _check_fields(cfg.question_template, {"question"}, {"question"}, "question_template")
-    _check_fields(cfg.summary_prompt, {"passages"}, {"passages"}, "summary_prompt")
-    choices = {
-        "aggregation": ("concat", "sequential", "summarize"),
-        "distractor_mode": ("replace", "add"),
-        "distractor_source": ("lower_ranks", "random"),
-    }
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"trainer.examples.{key}={getattr(cfg, key)!r}: expected one of {', '.join(allowed)}")
-    for key in ("distractor_p", "inject_gold_p"):
-        if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ConfigError(f"trainer.examples.{key}={getattr(cfg, key)}: must be a probability in [0, 1]")
-    if not 0.0 < cfg.answer_max_frac <= 1.0:
-        raise ConfigError(f"trainer.examples.answer_max_frac={cfg.answer_max_frac}: must be in (0, 1]")
-    if cfg.over_retrieve < 0:
-        raise ConfigError(f"trainer.examples.over_retrieve={cfg.over_retrieve}: must not be negative")
-
-
-def _check_fields(template: str, allowed: set[str], required: set[str], key: str) -> None:
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:
-        raise ConfigError(f"trainer.examples.{key}={template!r}: not a valid template ({e})") from None
-    if names - allowed:
-        raise ConfigError(
-            f"trainer.examples.{key}={template!r}: unknown field(s) {sorted(names - allowed)}; allowed {sorted(allowed)}"
-        )
-    if required - names:
-        raise ConfigError(f"trainer.examples.{key}={template!r}: must contain {sorted(required - names)}")
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -346,7 +289,6 @@ class ExampleBuilder:
         summarizer: Summarizer | None = None,
         seed: int = 0,
     ):
-        check_examples_config(fmt)
         if top_k > 0 and retrieve is None:
             raise ConfigError("examples with passages need a retrieval function (top_k > 0)")
         if fmt.aggregation == "summarize" and top_k > 0 and summarizer is None:

@@ -21,7 +21,7 @@ from ragdist.errors import ConfigError
 from ragdist.index.snapshot import atomic_write_text
 from ragdist.train.engine import TrainerConfig
 from ragdist.train.engines import build_engine
-from ragdist.train.examples import ExampleBuilder, PassageStore, Summarizer, check_examples_config
+from ragdist.train.examples import ExampleBuilder, PassageStore, Summarizer
 from ragdist.train.model import (
     AnswerLossLM,
     ModelConfig,
@@ -32,9 +32,9 @@ from ragdist.train.model import (
 from ragdist.train.peft import (
     PeftConfig,
     apply_peft,
-    check_peft_config,
     is_peft_model,
     load_quantized_generator,
+    require_cuda_for_qlora,
     save_adapter_and_merged,
 )
 from ragdist.train.prefetch import Lookahead
@@ -118,10 +118,9 @@ def train_variant(
     """
     run_dir = Path(run_dir)
     peft_cfg = peft_cfg or PeftConfig()
-    check_peft_config(peft_cfg)
+    require_cuda_for_qlora(peft_cfg)
     if peft_cfg.method == "qlora" and (trainer.engine == "fsdp" or trainer.zero_stage == 3):
         raise ConfigError("peft.method=qlora: 4-bit base weights cannot be sharded; use trainer=deepspeed with zero_stage 0-2")
-    check_examples_config(trainer.examples)
     done = finished_summary(run_dir, variant, trainer)
     if done is not None:
         log.info("[%s] already trained to step %d in %s; skipping", variant, done["steps"], run_dir)

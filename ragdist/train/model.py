@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragdist.errors import ConfigError
+from ragdist.train.config import ModelConfig
 from ragdist.train.tokenizer import TokenizerData, bpe_tokenizer
 
 IGNORE = -100
-
-
-@dataclass
-class ModelConfig:
-    # Local dir or hub id of a causal LM; "" = build `arch` from the sizes below (random init).
-    name_or_path: str = ""
-    # Tokenizer for a model built from config: "minilm" = the one shipped with the offline embedder
-    # (uncased WordPiece: "1,495" decodes as "1, 495"); "bpe" = a lossless byte-level BPE trained on
-    # the run's corpus and training QA (ragdist/train/tokenizer.py); or any HF tokenizer path.
-    tokenizer: str = "minilm"
-    bpe_vocab_size: int = 8000
-    bpe_cache_dir: str = "data/tokenizers"  # trained BPEs, keyed by their inputs
-    arch: str = "llama"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_position: int = 512
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
-    # Chunked linear + cross-entropy over answer tokens only, never materializing full logits.
-    fused_loss: bool = True
-    seed: int = 0
 
 
 def load_tokenizer(cfg: ModelConfig, data: TokenizerData | None = None) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,50 +18,9 @@ import torch
 from torch import nn
 
 from ragdist.errors import ConfigError
+from ragdist.train.config import PeftConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PeftConfig:
-    method: str = "none"  # none | lora | qlora (4-bit base weights with bitsandbytes; CUDA only)
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # Regular expressions searched in parameter names (as `named_parameters()` of the HF model prints them).
-    freeze: list[str] = field(default_factory=list)
-    unfreeze: list[str] = field(default_factory=list)
-    # > 0: only the last N transformer blocks train (with adapters: only their adapters).
-    train_last_n_blocks: int = 0
-    # Also write the adapter alone (adapter_model.safetensors + adapter_config.json) next to the
-    # merged model that evaluation loads.
-    save_adapter: bool = True
-
-
-def check_peft_config(cfg: PeftConfig) -> None:
-    if cfg.method not in ("none", "lora", "qlora"):
-        raise ConfigError(f"peft.method={cfg.method!r}: expected none, lora or qlora")
-    if cfg.method == "qlora" and not torch.cuda.is_available():
-        raise ConfigError(
-            "peft.method=qlora needs a CUDA GPU: its 4-bit base weights come from bitsandbytes, which has no "
-            "CPU training path here. On CPU use peft.method=lora"
-        )
-    if cfg.method != "none":
-        if cfg.r < 1:
-            raise ConfigError(f"peft.r={cfg.r}: the LoRA rank must be at least 1")
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ConfigError(f"peft.dropout={cfg.dropout}: must be in [0, 1)")
-        if not cfg.target_modules:
-            raise ConfigError("peft.target_modules is empty: name the linear layers that get adapters")
-    if cfg.train_last_n_blocks < 0:
-        raise ConfigError(f"peft.train_last_n_blocks={cfg.train_last_n_blocks}: must not be negative")
-    for key in ("freeze", "unfreeze"):
-        for pat in getattr(cfg, key):
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise ConfigError(f"peft.{key}: {pat!r} is not a regular expression ({e})") from None
 
 
 def load_quantized_generator(model_cfg: Any) -> nn.Module:
@@ -88,9 +46,16 @@ def quantization_config() -> Any:
     )
 
 
+def require_cuda_for_qlora(cfg: PeftConfig) -> None:
+    """QLoRA's 4-bit base weights come from bitsandbytes, which has no CPU training path here."""
+    if cfg.method == "qlora" and not torch.cuda.is_available():
+        raise ConfigError("peft.method=qlora needs a CUDA GPU: its 4-bit base weights come from bitsandbytes, which has "
+                          "no CPU training path here. On CPU use peft.method=lora")
+
+
 def apply_peft(lm: nn.Module, cfg: PeftConfig) -> nn.Module:
     """Adapters and freezing on an HF causal LM; returns the model to train (a PeftModel with adapters)."""
-    check_peft_config(cfg)
+    require_cuda_for_qlora(cfg)
     if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ragdist.errors import ConfigError
+from ragdist.utils.validate import one_of
 
 
 @dataclass
@@ -19,6 +20,10 @@ class LoggerConfig:
     project: str = "ragdist"
     group: str = ""
     name: str = ""
+
+    def __post_init__(self) -> None:
+        one_of("logger.backend", self.backend, ("none", "wandb"))
+        one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 class RunLogger:

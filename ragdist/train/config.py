@@ -1,0 +1,205 @@
+"""The training groups' schemas: `trainer` (engine, optimizer, schedule, loop; `trainer.examples`),
+`model` (the generator) and `peft`. Each dataclass checks its own values when it is built, so a bad
+value fails once, when the config becomes objects, naming its key.
+
+    ragdist-train trainer=fsdp trainer.precision=bf16 peft=lora model.name_or_path=/models/llama
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+
+from ragdist.errors import ConfigError
+from ragdist.utils.validate import at_least, one_of, require
+
+PASSAGE_TEMPLATE = "passage {n}: {title}. {text}\n"
+QUESTION_TEMPLATE = "question: {question}\nanswer:"
+
+
+@dataclass
+class ExamplesConfig:
+    # Each retrieved passage, in order; fields: {n} (1-based position), {title}, {text}.
+    passage_template: str = PASSAGE_TEMPLATE
+    # After the passages; fields: {question}. The answer follows it after one space.
+    question_template: str = QUESTION_TEMPLATE
+    aggregation: str = "concat"  # concat | sequential | summarize
+    shuffle_passages: bool = True  # seeded shuffle while training; eval keeps rank order
+    distractor_p: float = 0.0  # per passage slot, probability that a distractor replaces / joins it
+    distractor_mode: str = "replace"  # replace | add
+    distractor_source: str = "lower_ranks"  # lower_ranks (over-retrieved) | random (any passage)
+    over_retrieve: int = 0  # lower ranks fetched for distractors; 0 = as many as top_k
+    inject_gold_p: float = 0.0  # probability of putting the gold passage in when retrieval missed it
+    answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
+    # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
+    summary_model: str = ""
+    summary_prompt: str = "{passages}summary:"  # fields: {passages} (the formatted passages)
+    summary_max_new_tokens: int = 24
+    summary_max_input: int = 192  # tokens of passages the summarizer reads
+
+    def __post_init__(self) -> None:
+        _check_fields(self.passage_template, {"n", "title", "text"}, set(), "passage_template")
+        _check_fields(self.question_template, {"question"}, {"question"}, "question_template")
+        _check_fields(self.summary_prompt, {"passages"}, {"passages"}, "summary_prompt")
+        choices = {
+            "aggregation": ("concat", "sequential", "summarize"),
+            "distractor_mode": ("replace", "add"),
+            "distractor_source": ("lower_ranks", "random"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"trainer.examples.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
+        for key in ("distractor_p", "inject_gold_p"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"trainer.examples.{key}={getattr(self, key)}: must be a probability in [0, 1]")
+        if not 0.0 < self.answer_max_frac <= 1.0:
+            raise ConfigError(f"trainer.examples.answer_max_frac={self.answer_max_frac}: must be in (0, 1]")
+        if self.over_retrieve < 0:
+            raise ConfigError(f"trainer.examples.over_retrieve={self.over_retrieve}: must not be negative")
+
+
+def _check_fields(template: str, allowed: set[str], required: set[str], key: str) -> None:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ConfigError(f"trainer.examples.{key}={template!r}: not a valid template ({e})") from None
+    if names - allowed:
+        raise ConfigError(
+            f"trainer.examples.{key}={template!r}: unknown field(s) {sorted(names - allowed)}; allowed {sorted(allowed)}"
+        )
+    if required - names:
+        raise ConfigError(f"trainer.examples.{key}={template!r}: must contain {sorted(required - names)}")
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "deepspeed"  # deepspeed | fsdp
+    nproc: int = 2  # ranks ragdist-train spawns on this node when not started by a launcher
+    zero_stage: int = 2  # DeepSpeed only: 0 (plain data parallel), 1, 2 or 3
+    # CPU offload. DeepSpeed: optimizer state (ZeRO 1-3) and parameters (ZeRO-3 only);
+    # FSDP2: either one turns on CPUOffloadPolicy, which offloads parameters, gradients and the step.
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.1
+    max_steps: int = 1000
+    grad_clip: float = 1.0  # 0 = no clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: DeepSpeed only)
+    max_seq_len: int = 256
+    log_every: int = 25
+    seed: int = 0
+    omp_threads: int = 1  # per rank; more threads per rank than cores/ranks only oversubscribes
+    master_port: int = 0  # 0 = pick a free port
+    variants: list[str] = field(default_factory=lambda: ["rag", "closed_book"])
+    ds_config: str = ""  # a raw DeepSpeed JSON file; overrides what is derived from this config
+    # DeepSpeed on CPU ranks: "gloo" = DeepSpeed's own collectives on the process group; "shm"
+    # (opt-in) routes its gradient all-reduce and parameter all-gather through shared memory on one
+    # node (same results, a fraction of gloo's loopback time; see train/deepspeed_shm.py). GPU: NCCL.
+    cpu_collectives: str = "gloo"
+    # PyTorch's fused AdamW kernel (CPU or CUDA). On CPU it updated a 2.2M-parameter ZeRO partition
+    # in 1.3 ms instead of 8.7 ms; its results differ from the default AdamW in the last bit of some
+    # elements, so a run's loss trajectory changes with it: off unless asked for.
+    fused_optimizer: bool = False
+    # Checkpoints of the training state (model, optimizer, scheduler, RNG, data position) under
+    # <run_dir>/train_state/<variant>/step_N; 0 = only at the end.
+    save_every: int = 0
+    keep_checkpoints: int = 2  # newest checkpoints kept per variant
+    resume: str = ""  # "" = start fresh | auto = newest checkpoint of this run_dir if any | a path
+    # Batches each rank builds ahead (retrieval included) in a background thread; 0 = inline. Deeper
+    # than retrieval_lookahead, so that one lookahead call's embedding spreads over several steps.
+    prefetch_depth: int = 16
+    retrieval_lookahead: int = 8  # questions of this many upcoming batches retrieved in one call; 1 = per batch
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("deepspeed", "fsdp"):
+            raise ConfigError(f"trainer.engine={self.engine!r}: expected 'deepspeed' or 'fsdp'")
+        if self.cpu_collectives not in ("shm", "gloo"):
+            raise ConfigError(f"trainer.cpu_collectives={self.cpu_collectives!r}: expected 'shm' or 'gloo'")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"trainer.precision={self.precision!r}: expected fp32, bf16 or fp16")
+        for key in ("micro_batch_size", "grad_accum", "max_steps", "retrieval_lookahead"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)}: must be at least 1")
+        for key in ("save_every", "prefetch_depth", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)}: must not be negative")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"trainer.keep_checkpoints={self.keep_checkpoints}: keep at least 1")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"trainer.schedule={self.schedule!r}: expected cosine, linear or constant")
+        if len(self.betas) != 2:
+            raise ConfigError(f"trainer.betas={list(self.betas)}: expected two numbers")
+
+
+@dataclass
+class ModelConfig:
+    # Local dir or hub id of a causal LM; "" = build `arch` from the sizes below (random init).
+    name_or_path: str = ""
+    # Tokenizer for a model built from config: "minilm" = the one shipped with the offline embedder
+    # (uncased WordPiece: "1,495" decodes as "1, 495"); "bpe" = a lossless byte-level BPE trained on
+    # the run's corpus and training QA (ragdist/train/tokenizer.py); or any HF tokenizer path.
+    tokenizer: str = "minilm"
+    bpe_vocab_size: int = 8000
+    bpe_cache_dir: str = "data/tokenizers"  # trained BPEs, keyed by their inputs
+    arch: str = "llama"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position: int = 512
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    # Chunked linear + cross-entropy over answer tokens only, never materializing full logits.
+    fused_loss: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        one_of("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position", "bpe_vocab_size"):
+            at_least(f"model.{key}", getattr(self, key), 1)
+        if not self.name_or_path:
+            require(self.hidden_size % self.num_heads == 0,
+                    f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none | lora | qlora (4-bit base weights with bitsandbytes; CUDA only)
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Regular expressions searched in parameter names (as `named_parameters()` of the HF model prints them).
+    freeze: list[str] = field(default_factory=list)
+    unfreeze: list[str] = field(default_factory=list)
+    # > 0: only the last N transformer blocks train (with adapters: only their adapters).
+    train_last_n_blocks: int = 0
+    # Also write the adapter alone (adapter_model.safetensors + adapter_config.json) next to the
+    # merged model that evaluation loads.
+    save_adapter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "lora", "qlora"):
+            raise ConfigError(f"peft.method={self.method!r}: expected none, lora or qlora")
+        if self.method != "none":
+            if self.r < 1:
+                raise ConfigError(f"peft.r={self.r}: the LoRA rank must be at least 1")
+            if not 0.0 <= self.dropout < 1.0:
+                raise ConfigError(f"peft.dropout={self.dropout}: must be in [0, 1)")
+            if not self.target_modules:
+                raise ConfigError("peft.target_modules is empty: name the linear layers that get adapters")
+        if self.train_last_n_blocks < 0:
+            raise ConfigError(f"peft.train_last_n_blocks={self.train_last_n_blocks}: must not be negative")
+        for key in ("freeze", "unfreeze"):
+            for pat in getattr(self, key):
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ConfigError(f"peft.{key}: {pat!r} is not a regular expression ({e})") from None
