@@ -304,7 +304,8 @@ def child_train(size: str, device: str = "cuda") -> dict[str, Any]:
     """
     import torch
 
-    from ragdist.train.engine import TrainerConfig, build_engine
+    from ragdist.train.engine import TrainerConfig
+    from ragdist.train.engines import build_engine
     from ragdist.train.loop import build_module_fn
     from ragdist.train.model import IGNORE, ModelConfig, load_tokenizer
     from ragdist.train.peft import PeftConfig
