@@ -27,15 +27,31 @@ if [ "$RAGDIST_GPUS" -gt 0 ]; then NPROC=${NPROC:-$RAGDIST_GPUS}; else NPROC=${N
 cmd=("$PYBIN/deepspeed")
 if [ -n "${HOSTFILE:-}" ]; then
   : "${MASTER_ADDR:?set MASTER_ADDR to the first host of $HOSTFILE}"
-  cmd+=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}")
+  addr=$MASTER_ADDR port=${MASTER_PORT:-29500}
+  cmd+=(--hostfile "$HOSTFILE" --master_addr "$addr" --master_port "$port")
   # A fixed port: every node must agree on it, and a free port here says nothing about the others.
   if [ -n "${NODE_RANK:-}" ]; then cmd+=(--no_ssh --node_rank "$NODE_RANK"); fi
   cmd+=(--num_gpus "$NPROC")
 else
-  cmd+=(--num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-$(free_port)}")
+  addr=127.0.0.1 port=${MASTER_PORT:-$(free_port)}
+  cmd+=(--num_gpus "$NPROC" --master_addr "$addr" --master_port "$port")
 fi
 # DeepSpeed appends --local_rank=N to each rank's arguments; ragdist's entry point takes it off
 # before Hydra reads the overrides.
 cmd+=(--module ragdist.launch.rank "${RUN_ARGS[@]}")
 echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+"${cmd[@]}" &
+child=$!
+# A batch system's preemption notice reaches this script: pass it on (the ranks checkpoint, exit 75).
+trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
+rc=0
+wait "$child" || rc=$?
+while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # a trapped signal ended the first wait
+# On CPU ranks DeepSpeed's launcher sets LOCAL_SIZE, and DeepSpeed's shared-memory all-reduce then maps a
+# buffer per rank under /dev/shm that it never removes (2 x 66 MiB a job). The job is over: this job's
+# buffers (named by its uid, master address and port) go.
+if [ "$RAGDIST_GPUS" -eq 0 ]; then
+  rm -f "/dev/shm/deepspeed_allreduce_buffer_$(id -u)_${addr}_${port}_"* || true
+fi
+exit "$rc"
