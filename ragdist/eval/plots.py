@@ -84,7 +84,8 @@ def _label(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.legend(fontsize=7)
 
 
-def recall_at_k(report: dict[str, Any], path: Path) -> Path | None:
+def recall_at_k(report: dict[str, Any], path: Path, *, answer_curves: bool = True) -> Path | None:
+    """Recall@k (gold ids) per retriever; `answer_curves` adds answer-in-top-k as dashed lines."""
     retrieval = report.get("retrieval") or {}
     if not retrieval:
         return None
@@ -95,6 +96,8 @@ def recall_at_k(report: dict[str, Any], path: Path) -> Path | None:
         rc = np.array([_v(x) for x in r["recall_curve"]])
         if np.isfinite(rc).any():
             ax.plot(ks, 100 * rc, marker=".", label=f"{name}: recall@k (gold ids)")
+        if not answer_curves:
+            continue
         ax.plot(
             ks,
             100 * np.array([_v(x) for x in r["answer_recall_curve"]]),

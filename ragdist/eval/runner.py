@@ -44,6 +44,9 @@ class EvalConfig:
     run_dir: str = ""  # ragdist-eval: a finished run whose checkpoints to evaluate
     # ragdist-eval: train the rows that have no checkpoint yet (rag, closed_book), then compare.
     compare: bool = False
+    # ragdist-eval: retrieval alone (dense, BM25, hybrid, + re-rank), no generator: ragdist/eval/retrieval_eval.py
+    retrieval_only: bool = False
+    retrieval_batch_size: int = 256  # questions per retrieve call in the retrieval-only eval
     # Which rows to report (those whose inputs exist): closed_book | base_rag | closed_book_rag | rag | joint.
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     # A joint (generator + retriever) run to add as a row: its run dir; the parts below override it.

@@ -49,9 +49,12 @@ log = logging.getLogger(__name__)
 INLINE_BYTES = 96 * 1024
 
 
+MODES = ("dense", "bm25", "hybrid", "auto")
+
+
 @dataclass
 class HybridConfig:
-    enabled: bool = False  # BM25 (per shard, `bm25s`) fused with dense by reciprocal-rank fusion
+    enabled: bool = False  # the older switch for mode=hybrid (true = hybrid when mode is dense)
     dense_weight: float = 1.0
     lexical_weight: float = 1.0
     rrf_k: int = 60  # RRF constant: score = sum of weight / (rrf_k + rank)
@@ -68,8 +71,24 @@ class RerankConfig:
 
 
 @dataclass
+class AutoModeConfig:
+    """How mode=auto (and the fusion sweep of the retrieval-only eval) measures, on training questions."""
+
+    k: int = 0  # rank cut-off of the R@k criterion; 0 = retrieval.top_k (what the generator is given)
+    questions: int = 1000  # training questions sampled (seeded) for the sweep and the choice
+    holdout: float = 0.5  # share of them held out to choose the mode; the rest tune the fusion weights
+    lexical_weights: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])  # dense weight 1
+    rrf_ks: list[int] = field(default_factory=lambda: [10, 60])
+    batch_size: int = 256  # questions per retrieve call
+    seed: int = 0
+
+
+@dataclass
 class RetrievalConfig:
     top_k: int = 3
+    # dense (vectors) | bm25 (lexical only) | hybrid (both, fused: hybrid.*) | auto (the best of the
+    # three by R@k on held-out training questions, chosen once before training: ragdist.retrieval.select)
+    mode: str = "dense"
     address: str = ""  # Ray cluster to attach to; "" = $RAY_ADDRESS, else a new loopback cluster
     namespace: str = "ragdist"
     service_name: str = "default"
@@ -95,6 +114,19 @@ class RetrievalConfig:
     metrics_window: int = 2048  # calls kept for latency percentiles
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    auto: AutoModeConfig = field(default_factory=AutoModeConfig)
+
+
+def retrieval_mode(cfg: RetrievalConfig) -> str:
+    """The configured mode; `hybrid.enabled=true` (the older switch) still means hybrid."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"retrieval.mode={cfg.mode!r}: expected one of {' | '.join(MODES)}")
+    if cfg.hybrid.enabled and cfg.mode != "hybrid":
+        if cfg.mode != "dense":
+            raise ConfigError(f"retrieval.hybrid.enabled=true contradicts retrieval.mode={cfg.mode}: "
+                              "set retrieval.mode only")
+        return "hybrid"
+    return cfg.mode
 
 
 def normalize_query(q: str) -> str:
@@ -421,8 +453,9 @@ class RetrievalClient:
     # ------------------------------------------------------------------ text in, passages out
     def _mode(self) -> tuple:
         h, r = self.cfg.hybrid, self.cfg.rerank
+        mode = retrieval_mode(self.cfg)
         return (
-            ("hybrid", h.dense_weight, h.lexical_weight, h.rrf_k, h.depth) if h.enabled else ("dense",),
+            (mode, h.dense_weight, h.lexical_weight, h.rrf_k, h.depth) if mode == "hybrid" else (mode,),
             ("rerank", r.model, r.top_n) if r.model else (),
         )
 
@@ -482,17 +515,27 @@ class RetrievalClient:
                 f"index version {vid} was embedded with {want}; this client encodes queries with {self.embedder.name}"
             )
         h, r = self.cfg.hybrid, self.cfg.rerank
+        mode = retrieval_mode(self.cfg)
         n_cand = max(k, r.top_n) if r.model else k
-        vecs = self.embedder.encode(questions)
-        if h.enabled:
+        if mode == "auto":
+            raise RetrievalError("retrieval.mode=auto is resolved once before use "
+                                 "(ragdist.retrieval.select.resolve_mode); this client was given it unresolved")
+        if mode == "bm25":
+            # The shards answer a dense and a lexical list in one call; the dense one is not used here,
+            # so a zero query (k=1) keeps it cheap and the encoder out of the way.
+            zeros = np.zeros((len(questions), int(self.views[vid]["dim"])), np.float32)
+            res = self.search(zeros, 1, filter=flt, version=vid, texts=questions, lexical_k=n_cand)
+            cands = [[res.payload[int(g)] for g in row if g >= 0] for row in res.lexical_ids]
+        elif mode == "hybrid":
             depth = max(n_cand, h.depth)
+            vecs = self.embedder.encode(questions)
             res = self.search(vecs, depth, filter=flt, version=vid, texts=questions, lexical_k=depth)
             cands = [
                 [res.payload[g] for g in fused[:n_cand]]
                 for fused in rrf_fuse(res.ids, res.lexical_ids, h.dense_weight, h.lexical_weight, h.rrf_k)
             ]
         else:
-            res = self.search(vecs, n_cand, filter=flt, version=vid)
+            res = self.search(self.embedder.encode(questions), n_cand, filter=flt, version=vid)
             cands = res.passages
         if r.model:
             return self.reranker().rerank(questions, cands, k), res.partial

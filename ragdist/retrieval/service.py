@@ -163,7 +163,7 @@ class ServiceController:
                         flat_backend=cfg.flat_backend,
                         flat_dtype=cfg.flat_dtype,
                         device="gpu" if gpus else "cpu",
-                        lexical=cfg.hybrid.enabled,
+                        lexical=cfg.mode != "dense" or cfg.hybrid.enabled,  # BM25 built at load
                         controller=me,
                         version_id=vid,
                     )
@@ -448,8 +448,17 @@ def stop_service(cfg: RetrievalConfig) -> None:
 
 def validate_config(cfg: RetrievalConfig) -> None:
     from ragdist.errors import ConfigError
+    from ragdist.retrieval.client import retrieval_mode
 
+    retrieval_mode(cfg)  # raises on an unknown mode or one that contradicts hybrid.enabled
+    a = cfg.auto
     checks = [
+        (0 < a.holdout < 1, f"retrieval.auto.holdout={a.holdout}: must be between 0 and 1"),
+        (a.questions >= 2 and a.batch_size >= 1 and a.k >= 0,
+         "retrieval.auto.questions must be >= 2, batch_size >= 1 and k >= 0"),
+        (bool(a.lexical_weights) and all(w > 0 for w in a.lexical_weights),
+         f"retrieval.auto.lexical_weights={list(a.lexical_weights)}: one or more weights > 0"),
+        (bool(a.rrf_ks) and all(r > 0 for r in a.rrf_ks), f"retrieval.auto.rrf_ks={list(a.rrf_ks)}: one or more, > 0"),
         (cfg.replicas >= 1, f"retrieval.replicas={cfg.replicas}: must be >= 1"),
         (cfg.on_shard_down in ("raise", "partial"), f"retrieval.on_shard_down={cfg.on_shard_down!r}: raise | partial"),
         (cfg.flat_backend in ("auto", "faiss", "torch"), f"retrieval.flat_backend={cfg.flat_backend!r}: auto | faiss | torch"),
