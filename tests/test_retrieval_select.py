@@ -190,3 +190,22 @@ def test_retrieval_only_cli_reports_every_mode(ray_cluster, tmp_path, tiny_cross
         assert label in md
     assert (run / "plots" / "recall_at_k.png").stat().st_size > 1000
     assert not (run / "predictions_rag.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_train_resolves_auto_once_before_training(ray_cluster, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli([
+        "ragdist-train", "+experiment=tiny", "retrieval.mode=auto", "retrieval.auto.questions=60",
+        f"index.root={tmp_path / 'idx'}", "retrieval.service_name=auto-train", "trainer.variants=[rag]",
+        "trainer.max_steps=4", "eval.strategies=[rag]", "eval.max_questions=4", "eval.latency_samples=1",
+        "eval.latency_warmup=0", "eval.topk_sweep=[]", "eval.distractors=[]", "eval.order_checks=false",
+        "eval.plots=false", f"hydra.run.dir={run}",
+    ], env={"RAY_ADDRESS": ray_cluster})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    chosen = json.loads((run / "retrieval_mode.json").read_text())
+    assert chosen["mode"] in CHOICES and {m["mode"] for m in chosen["modes"]} == set(CHOICES)
+    # The ranks trained with the resolved mode: it is what the run's config records.
+    assert OmegaConf.load(run / "resolved.yaml").retrieval.mode == chosen["mode"]
+    assert "retrieval.mode=auto -> " in r.stderr
+    assert json.loads((run / "report.json").read_text())["results"]["rag"]["n"] == 4
