@@ -158,7 +158,8 @@ def write_retrieval_report(run_dir: str | Path, report: dict[str, Any], *, plots
     if plots:
         named = {"retrieval": {report["labels"].get(n, n): r for n, r in report["retrieval"].items()}}
         gold = any(r.get("questions_with_gold") for r in report["retrieval"].values())
-        p = recall_at_k(named, run_dir / "plots" / "recall_at_k.png", answer_curves=not gold)
+        p = recall_at_k(named, run_dir / "plots" / "recall_at_k.png", answer_curves=not gold,
+                        zoom=True)
         report["plots"] = [str(p.relative_to(run_dir))] if p is not None else []
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, allow_nan=False))
     atomic_write_text(run_dir / "report.md", markdown(report))
