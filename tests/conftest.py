@@ -66,6 +66,22 @@ def tiny_snapshot(tmp_path_factory, tiny_chunks, tiny_vectors, embedder):
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory, embedder):
+    """A 2-layer BERT sequence classifier (random weights) saved locally: a real re-ranker to load and run."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cross-encoder")
+    tok = embedder.tokenizer
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 900, cwd: Path = ROOT):
     """Run a console script of this venv; return the CompletedProcess."""
     import subprocess

@@ -217,21 +217,6 @@ def test_hybrid_bm25_fused_by_rrf(text_service, embedder):
     assert [p["id"] for p in got[0]] == [p["id"] for p in res.passages[0][:3]]
 
 
-@pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory, embedder):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cross-encoder")
-    tok = embedder.tokenizer
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=512, num_labels=1)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def test_cross_encoder_reranks_top_n(text_service, embedder, tiny_cross_encoder):
     from ragdist.retrieval.rerank import CrossEncoderReranker
 

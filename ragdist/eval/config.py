@@ -20,6 +20,9 @@ class EvalConfig:
     run_dir: str = ""  # ragdist-eval: a finished run whose checkpoints to evaluate
     # ragdist-eval: train the rows that have no checkpoint yet (rag, closed_book), then compare.
     compare: bool = False
+    # ragdist-eval: retrieval alone (dense, BM25, hybrid, + re-rank), no generator: ragdist/eval/retrieval_eval.py
+    retrieval_only: bool = False
+    retrieval_batch_size: int = 256  # questions per retrieve call in the retrieval-only eval
     # Which rows to report (those whose inputs exist): closed_book | base_rag | closed_book_rag | rag | joint.
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     # A joint (generator + retriever) run to add as a row: its run dir; the parts below override it.
@@ -45,7 +48,8 @@ class EvalConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         require(not unknown, f"eval.strategies: unknown {unknown} (known: {STRATEGIES})")
         one_of("eval.distractor_source", self.distractor_source, ("hard", "random"))
-        for key in ("max_new_tokens", "batch_size", "max_prompt_len", "nli_batch_size", "max_questions"):
+        for key in ("max_new_tokens", "batch_size", "max_prompt_len", "nli_batch_size", "max_questions",
+                    "retrieval_batch_size"):
             at_least(f"eval.{key}", getattr(self, key), 1)
         for key in ("latency_samples", "latency_warmup"):
             non_negative(f"eval.{key}", getattr(self, key))

@@ -84,24 +84,30 @@ def _label(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.legend(fontsize=7)
 
 
-def recall_at_k(report: dict[str, Any], path: Path) -> Path | None:
+def recall_at_k(
+    report: dict[str, Any], path: Path, *, answer_curves: bool = True, zoom: bool = False
+) -> Path | None:
+    """Recall@k (gold ids) per retriever; `answer_curves` adds answer-in-top-k as dashed lines;
+    `zoom` starts the y axis just below the lowest point (retrievers a point apart stay apart)."""
     retrieval = report.get("retrieval") or {}
     if not retrieval:
         return None
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
+    values: list[float] = []
     for name, r in retrieval.items():
         ks = np.arange(1, r["depth"] + 1)
         rc = np.array([_v(x) for x in r["recall_curve"]])
         if np.isfinite(rc).any():
             ax.plot(ks, 100 * rc, marker=".", label=f"{name}: recall@k (gold ids)")
-        ax.plot(
-            ks,
-            100 * np.array([_v(x) for x in r["answer_recall_curve"]]),
-            linestyle="--",
-            label=f"{name}: answer in top-k",
-        )
-    ax.set_ylim(0, 102)
+            values += list(100 * rc)
+        if not answer_curves:
+            continue
+        ac = 100 * np.array([_v(x) for x in r["answer_recall_curve"]])
+        ax.plot(ks, ac, linestyle="--", label=f"{name}: answer in top-k")
+        values += list(ac)
+    finite = [v for v in values if np.isfinite(v)]
+    ax.set_ylim(max(0.0, np.floor(min(finite)) - 2) if zoom and finite else 0, 101 if zoom else 102)
     _label(ax, "Retrieval recall@k", "k", "%")
     return _save(fig, path)
 

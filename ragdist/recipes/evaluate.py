@@ -5,6 +5,7 @@
     ragdist-eval eval.run_dir=runs/2026-11-25_10-00-00             # a finished ragdist-train run
     ragdist-eval eval.run_dir=runs/A eval.joint_run=runs/J          # add a joint-retriever row
     ragdist-eval eval.checkpoint=/path/to/model retrieval.top_k=5   # one model, with and without retrieval
+    ragdist-eval eval.retrieval_only=true data.max_eval=null        # dense / BM25 / hybrid only, no generator
 
 Writes report.md, report.json, plots/*.png and predictions_<row>.jsonl to the run directory, and
 logs the same figures through the configured logger (logger=wandb: offline unless logger.mode=online).
@@ -316,6 +317,41 @@ def train_missing(cfg: DictConfig, missing: list[str]) -> dict[str, str]:
     return {v: str(Path(cfg.run_dir) / "checkpoints" / v) for v in missing}
 
 
+def retrieval_only(cfg: DictConfig) -> dict[str, Any]:
+    """eval.retrieval_only=true: every retrieval mode on the eval questions (ragdist/eval/retrieval_eval.py)."""
+    import time
+
+    from ragdist.embed import build_embedder
+    from ragdist.eval.retrieval_eval import evaluate_retrieval, markdown, write_retrieval_report
+    from ragdist.index.snapshot import read_manifest
+    from ragdist.recipes.common import build_or_reuse_index, check_embedder_matches, resolve_data_paths
+    from ragdist.retrieval.client import start_service
+    from ragdist.retrieval.select import variant
+
+    t0 = time.perf_counter()
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    resolve_data_paths(cfg)
+    train, evals = load_qa_splits(cfg)
+    evals = evals[: cfg.eval.max_questions] if cfg.eval.max_questions else evals
+    embedder = build_embedder(as_object(cfg.embedder))
+    snapshot = build_or_reuse_index(cfg, embedder)
+    manifest = read_manifest(snapshot)
+    check_embedder_matches(manifest, embedder)
+    rcfg = as_object(cfg.retrieval)
+    start_service(str(snapshot), variant(rcfg, "hybrid"))  # hybrid: the shards build BM25 as they load
+    try:
+        report = evaluate_retrieval(rcfg, embedder, evals, train, ks=list(cfg.eval.recall_ks),
+                                    batch_size=cfg.eval.retrieval_batch_size)
+    finally:
+        _stop_quietly(rcfg)
+    report["setup"].update(eval_file=cfg.data.eval, train_file=cfg.data.train, index_snapshot=str(snapshot),
+                           passages=manifest.get("num_chunks"), command_s=time.perf_counter() - t0)
+    report = write_retrieval_report(cfg.run_dir, report, plots=cfg.eval.plots)
+    print("\n" + markdown(report), flush=True)
+    print(f"report: {Path(cfg.run_dir) / 'report.md'}", flush=True)
+    return report
+
+
 @cli
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ragdist.embed import build_embedder
@@ -327,9 +363,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tokenizer_data,
     )
     from ragdist.retrieval.client import start_service
+    from ragdist.retrieval.select import resolve_mode
     from ragdist.train.model import load_tokenizer
 
     setup_logging()
+    if cfg.eval.retrieval_only:
+        return retrieval_only(cfg)
     base = True
     if cfg.eval.run_dir:
         cfg, ckpts = _from_run(cfg)
@@ -366,6 +405,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start_service(str(snapshot), rcfg)
     # Training ranks spawned below attach to this cluster instead of starting their own.
     cfg.retrieval.address = os.environ.get("RAY_ADDRESS", cfg.retrieval.address)
+    resolve_mode(cfg.retrieval, embedder, load_qa_splits(cfg)[0], out=Path(cfg.run_dir) / "retrieval_mode.json")
     try:
         if missing:
             ckpts.update(train_missing(cfg, missing))

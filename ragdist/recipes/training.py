@@ -36,6 +36,7 @@ def prepare(cfg: DictConfig) -> Any:
     """Data, index snapshot and a running service, filled into `cfg`; returns the query embedder."""
     from ragdist.embed import build_embedder
     from ragdist.retrieval.client import start_service
+    from ragdist.retrieval.select import resolve_mode
     from ragdist.train.model import load_tokenizer
 
     for variant in cfg.trainer.variants:
@@ -43,7 +44,7 @@ def prepare(cfg: DictConfig) -> Any:
             raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
-    load_qa_splits(cfg)
+    train, _ = load_qa_splits(cfg)
     load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))  # a BPE is trained (and cached) here, once
     embedder = build_embedder(as_object(cfg.embedder))
     snapshot = build_or_reuse_index(cfg, embedder)
@@ -52,6 +53,8 @@ def prepare(cfg: DictConfig) -> Any:
     if any(v != "closed_book" for v in cfg.trainer.variants):
         start_service(cfg.index.snapshot, as_object(cfg.retrieval))
         cfg.retrieval.address = os.environ["RAY_ADDRESS"]
+        # mode=auto: measured once here, so every rank (and the resolved.yaml) gets the same choice.
+        resolve_mode(cfg.retrieval, embedder, train, out=Path(cfg.run_dir) / "retrieval_mode.json")
     return embedder
 
 

@@ -15,10 +15,13 @@ import numpy as np
 from ragdist.retrieval.admin import ServiceAdmin, start_service, stop_service
 from ragdist.retrieval.api import Retriever, SearchResult
 from ragdist.retrieval.config import (
+    MODES,
+    AutoModeConfig,
     HybridConfig,
     RerankConfig,
     RetrievalConfig,
     controller_name,
+    retrieval_mode,
     validate_config,
 )
 from ragdist.retrieval.metrics import flat_metrics
@@ -26,6 +29,9 @@ from ragdist.retrieval.retriever import ShardedRetriever, normalize_query, rrf_f
 from ragdist.retrieval.transport import merge_topk
 
 __all__ = [
+    "MODES",
+    "AutoModeConfig",
+    "retrieval_mode",
     "HybridConfig",
     "RerankConfig",
     "RetrievalClient",

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 
 from ragdist.errors import ConfigError
 
+MODES = ("dense", "bm25", "hybrid", "auto")
+
 
 @dataclass
 class HybridConfig:
-    enabled: bool = False  # BM25 (per shard, `bm25s`) fused with dense by reciprocal-rank fusion
+    enabled: bool = False  # the older switch for mode=hybrid (true = hybrid when mode is dense)
     dense_weight: float = 1.0
     lexical_weight: float = 1.0
     rrf_k: int = 60  # RRF constant: score = sum of weight / (rrf_k + rank)
@@ -26,8 +28,24 @@ class RerankConfig:
 
 
 @dataclass
+class AutoModeConfig:
+    """How mode=auto (and the fusion sweep of the retrieval-only eval) measures, on training questions."""
+
+    k: int = 0  # rank cut-off of the R@k criterion; 0 = retrieval.top_k (what the generator is given)
+    questions: int = 1000  # training questions sampled (seeded) for the sweep and the choice
+    holdout: float = 0.5  # share of them held out to choose the mode; the rest tune the fusion weights
+    lexical_weights: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])  # dense weight 1
+    rrf_ks: list[int] = field(default_factory=lambda: [10, 60])
+    batch_size: int = 256  # questions per retrieve call
+    seed: int = 0
+
+
+@dataclass
 class RetrievalConfig:
     top_k: int = 3
+    # dense (vectors) | bm25 (lexical only) | hybrid (both, fused: hybrid.*) | auto (the best of the
+    # three by R@k on held-out training questions, chosen once before training: ragdist.retrieval.select)
+    mode: str = "dense"
     address: str = ""  # Ray cluster to attach to; "" = $RAY_ADDRESS, else a new loopback cluster
     namespace: str = "ragdist"
     service_name: str = "default"
@@ -53,6 +71,7 @@ class RetrievalConfig:
     metrics_window: int = 2048  # calls kept for latency percentiles
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    auto: AutoModeConfig = field(default_factory=AutoModeConfig)
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -63,8 +82,28 @@ def controller_name(service: str) -> str:
     return f"ragdist-service:{service}"
 
 
+def retrieval_mode(cfg: RetrievalConfig) -> str:
+    """The configured mode; `hybrid.enabled=true` (the older switch) still means hybrid."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"retrieval.mode={cfg.mode!r}: expected one of {' | '.join(MODES)}")
+    if cfg.hybrid.enabled and cfg.mode != "hybrid":
+        if cfg.mode != "dense":
+            raise ConfigError(f"retrieval.hybrid.enabled=true contradicts retrieval.mode={cfg.mode}: "
+                              "set retrieval.mode only")
+        return "hybrid"
+    return cfg.mode
+
+
 def validate_config(cfg: RetrievalConfig) -> None:
+    retrieval_mode(cfg)  # raises on an unknown mode or one that contradicts hybrid.enabled
+    a = cfg.auto
     checks = [
+        (0 < a.holdout < 1, f"retrieval.auto.holdout={a.holdout}: must be between 0 and 1"),
+        (a.questions >= 2 and a.batch_size >= 1 and a.k >= 0,
+         "retrieval.auto.questions must be >= 2, batch_size >= 1 and k >= 0"),
+        (bool(a.lexical_weights) and all(w > 0 for w in a.lexical_weights),
+         f"retrieval.auto.lexical_weights={list(a.lexical_weights)}: one or more weights > 0"),
+        (bool(a.rrf_ks) and all(r > 0 for r in a.rrf_ks), f"retrieval.auto.rrf_ks={list(a.rrf_ks)}: one or more, > 0"),
         (cfg.replicas >= 1, f"retrieval.replicas={cfg.replicas}: must be >= 1"),
         (cfg.on_shard_down in ("raise", "partial"), f"retrieval.on_shard_down={cfg.on_shard_down!r}: raise | partial"),
         (cfg.flat_backend in ("auto", "faiss", "torch"), f"retrieval.flat_backend={cfg.flat_backend!r}: auto | faiss | torch"),

@@ -24,7 +24,7 @@ import numpy as np
 
 from ragdist.errors import RetrievalError
 from ragdist.retrieval.api import Passage, SearchResult
-from ragdist.retrieval.config import RetrievalConfig
+from ragdist.retrieval.config import RetrievalConfig, retrieval_mode
 from ragdist.retrieval.server.filters import Filter, compile_filter
 from ragdist.retrieval.transport import Transport, merge_topk
 from ragdist.retrieval.view import ServiceView, VersionRoute, connect
@@ -158,8 +158,9 @@ class ShardedRetriever:
     # ------------------------------------------------------------------ text in
     def _mode(self) -> tuple:
         h, r = self.cfg.hybrid, self.cfg.rerank
+        mode = retrieval_mode(self.cfg)
         return (
-            ("hybrid", h.dense_weight, h.lexical_weight, h.rrf_k, h.depth) if h.enabled else ("dense",),
+            (mode, h.dense_weight, h.lexical_weight, h.rrf_k, h.depth) if mode == "hybrid" else (mode,),
             ("rerank", r.model, r.top_n) if r.model else (),
         )
 
@@ -301,7 +302,11 @@ class ShardedRetriever:
             raise RetrievalError(
                 f"unknown index version {vid!r} (no longer loaded); loaded: {sorted(self.view.versions)}"
             )
-        if vecs is None:
+        mode = retrieval_mode(self.cfg)
+        if mode == "auto":
+            raise RetrievalError("retrieval.mode=auto is resolved once before use "
+                                 "(ragdist.retrieval.select.resolve_mode); this retriever was given it unresolved")
+        if vecs is None and mode != "bm25":
             if v.embedder and v.embedder != self.embedder.name:
                 raise RetrievalError(
                     f"index version {vid} was embedded with {v.embedder}; this client encodes "
@@ -310,7 +315,13 @@ class ShardedRetriever:
             vecs = self.embedder.encode(questions)
         h, r = self.cfg.hybrid, self.cfg.rerank
         n_cand = max(k, r.top_n) if r.model else k
-        if h.enabled:
+        if mode == "bm25":
+            # The shards answer a dense and a lexical list in one call; the dense one is not used here,
+            # so a zero query (k=1) keeps it cheap and the encoder out of the way.
+            zeros = np.zeros((len(questions), v.dim), np.float32)
+            res = self.search(zeros, 1, filter=flt, version=vid, texts=questions, lexical_k=n_cand, _routed=not pinned)
+            cands = [[res.payload[int(g)] for g in row if g >= 0] for row in res.lexical_ids]
+        elif mode == "hybrid":
             depth = max(n_cand, h.depth)
             res = self.search(
                 vecs, depth, filter=flt, version=vid, texts=questions, lexical_k=depth, _routed=not pinned

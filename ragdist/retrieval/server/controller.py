@@ -156,7 +156,7 @@ class ServiceController:
                         flat_backend=cfg.flat_backend,
                         flat_dtype=cfg.flat_dtype,
                         device="gpu" if gpus else "cpu",
-                        lexical=cfg.hybrid.enabled,
+                        lexical=cfg.mode != "dense" or cfg.hybrid.enabled,  # BM25 built at load
                         controller=me,
                         version_id=vid,
                     )
