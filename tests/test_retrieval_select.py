@@ -111,7 +111,7 @@ def test_auto_picks_bm25_when_questions_quote_rare_words(lexical_case, embedder)
 
 
 def test_auto_picks_dense_when_questions_paraphrase(semantic_case, embedder):
-    from ragdist.retrieval.lexical import _tokenize
+    from ragdist.retrieval.server.lexical import _tokenize
 
     cfg, qs, docs = semantic_case
     passage_terms = {t for d in _tokenize([d["text"] for d in docs], ids=False) for t in d}
