@@ -7,8 +7,8 @@
     torchrun --nproc_per_node 2 -m ragdist.recipes.finetune ...
 
 Without a launcher this process is the driver: it prepares data, index and service, spawns the
-ranks, and evaluates when they finish. Under a launcher, rank 0 does the driver's work and every
-rank trains. On SIGTERM / SIGUSR1 the ranks checkpoint at the next step boundary and everything
+ranks, and evaluates when they finish (on eval.nproc ranks). Under a launcher, rank 0 does the
+driver's work, every rank trains and generates its share of the evaluation. On SIGTERM / SIGUSR1 the ranks checkpoint at the next step boundary and everything
 exits with status 75 (REQUEUE_EXIT_CODE); `trainer.resume=auto` with the same run dir continues.
 """
 
@@ -225,7 +225,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             preempted = False
         if preempted:
             sys.exit(REQUEUE_EXIT_CODE)  # the finally below still tears down cleanly
-        report = evaluate_and_report(cfg, embedder) if rank == 0 else None
+        # every rank generates its share of the answers; rank 0 writes the report
+        report = evaluate_and_report(cfg, embedder) or None
         dist.barrier()
         return report
     finally:

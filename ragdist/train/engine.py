@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -39,7 +40,9 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1
     max_steps: int = 1000
     grad_clip: float = 1.0  # 0 = no clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: DeepSpeed only)
+    # auto (model.dtype's) | fp32 | bf16 | fp16 (fp16: DeepSpeed only). bf16 / fp16 compute in that
+    # dtype and keep fp32 master weights and optimizer state, whatever dtype the model loaded in.
+    precision: str = "auto"
     max_seq_len: int = 256
     log_every: int = 25
     seed: int = 0
@@ -128,8 +131,8 @@ def check_trainer_config(cfg: TrainerConfig) -> None:
         raise ConfigError(f"trainer.engine={cfg.engine!r}: expected 'deepspeed' or 'fsdp'")
     if cfg.cpu_collectives not in ("shm", "gloo"):
         raise ConfigError(f"trainer.cpu_collectives={cfg.cpu_collectives!r}: expected 'shm' or 'gloo'")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"trainer.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
     for key in ("micro_batch_size", "grad_accum", "max_steps", "retrieval_lookahead"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(cfg, key)}: must be at least 1")
@@ -144,8 +147,32 @@ def check_trainer_config(cfg: TrainerConfig) -> None:
         raise ConfigError(f"trainer.betas={list(cfg.betas)}: expected two numbers")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(cfg: TrainerConfig, build_module: Callable[[], nn.Module]) -> TrainerConfig:
+    """`trainer.precision=auto`: the precision of the dtype the model loads in (`model.dtype`, which
+    a `GeneratorBuilder` carries; fp32 for any other builder)."""
+    if cfg.precision != "auto":
+        return cfg
+    dtype = getattr(build_module, "dtype", "fp32")
+    return dataclasses.replace(cfg, precision=dtype if dtype in PRECISIONS else "fp32")
+
+
+def upcast_to_fp32(module: nn.Module) -> nn.Module:
+    """Floating-point parameters and buffers in fp32 (the master weights); a no-op when they are."""
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in [*module.parameters(), *module.buffers()]):
+        module.float()
+    return module
+
+
 def build_engine(cfg: TrainerConfig, build_module: Callable[[], nn.Module], run_dir: str | Path) -> TrainEngine:
-    """`build_module` is called once, inside the engine, after whatever must precede model construction."""
+    """`build_module` is called once, inside the engine, after whatever must precede model construction.
+
+    A `ragdist.train.model.GeneratorBuilder` also tells the engine the model's dtype
+    (`trainer.precision=auto`) and, for a pretrained model, lets FSDP2 build it on the meta device
+    and fill its shards from rank 0.
+    """
     check_trainer_config(cfg)
     if cfg.engine == "deepspeed":
         from ragdist.train.deepspeed_engine import DeepSpeedEngine
