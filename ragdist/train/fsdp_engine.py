@@ -79,12 +79,12 @@ class FSDPEngine:
             fully_shard(module, mesh=mesh, mp_policy=mp, offload_policy=offload)
             return module
 
+        # FSDP2 shards whatever each rank built and does not broadcast it: every rank must build
+        # identical initial weights (a pretrained model's come from rank 0 instead).
+        torch.manual_seed(cfg.seed)
         if getattr(build_module, "pretrained", False):
             module = self._load_sharded(build_module, shard, torch.device("cpu") if offloaded else self.device)
         else:
-            # FSDP2 shards whatever each rank built and does not broadcast it: every rank must build
-            # identical initial weights.
-            torch.manual_seed(cfg.seed)
             # fp32 master weights (a model built in bf16/fp16 is upcast, while still whole)
             module = upcast_to_fp32(build_module())
             if self.device.type == "cuda" and not offloaded:
