@@ -145,6 +145,45 @@ def worker(out_path: str) -> None:
     run("llama", "llama_zero3_ckpt", _trainer(zero_stage=3), dataclasses.replace(llama, gradient_checkpointing=True),
         evaluate=False)  # fmt: skip
 
+    # How much of the model each rank holds once the engine is built from the saved directory, and
+    # (ZeRO-3) whether the parameters were already partitioned when from_pretrained returned.
+    from ragdist.train.engine import build_engine
+    from ragdist.train.loop import build_module_fn
+
+    class Probe:
+        def __init__(self, builder):
+            self.builder, self.dtype, self.pretrained = builder, builder.dtype, builder.pretrained
+            self.partitioned_as_built = None
+
+        def __call__(self):
+            module = self.builder()
+            self.partitioned_as_built = all(hasattr(p, "ds_id") and p.numel() == 0 for p in module.parameters())
+            return module
+
+        def on_meta(self, *args):
+            return self.builder.on_meta(*args)
+
+    tok = load_tokenizer(llama)
+    # ZeRO-3 keeps parameters under 1e5 elements (here: all) whole on every rank unless told not to
+    ds_json = work / "zero3_no_persistent.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    for eng, kw in (("zero3", dict(zero_stage=3, ds_config=str(ds_json))), ("fsdp", dict(engine="fsdp"))):
+        probe = Probe(build_module_fn(llama, tok, PeftConfig()))
+        engine = build_engine(_trainer(**kw), probe, work)
+        params = list(engine.module.parameters())
+        if eng == "zero3":
+            local = sum(p.ds_tensor.numel() + p.numel() for p in params)  # partition + whole if kept whole
+            total = sum(p.ds_numel for p in params)
+        else:
+            local = sum(p.to_local().numel() for p in params)
+            total = sum(p.numel() for p in params)
+        results[f"held_{eng}_rank{rank}"] = {"local": local, "total": total, "partitioned_as_built": probe.partitioned_as_built}
+        engine.close()
+    gathered = [None, None]
+    dist.all_gather_object(gathered, {k: v for k, v in results.items() if k.startswith("held_")})
+    for part in gathered:
+        results.update(part)
+
     dist.barrier()
     if rank == 0:
         results["tokens"] = {
@@ -217,6 +256,20 @@ def test_evaluation_runs_on_both_ranks_with_the_models_prompt_format(archs_run, 
         assert rec["chat"] == (arch != "gpt2")
         if arch in first:  # the chat template's own opening token starts every prompt
             assert rec["first_prompt_token"] == first[arch]
+
+
+@pytest.mark.slow
+def test_each_rank_holds_only_its_part_of_the_loaded_model(archs_run):
+    r = archs_run
+    for eng in ("zero3", "fsdp"):
+        held = [r[f"held_{eng}_rank{k}"] for k in range(2)]
+        assert held[0]["total"] == held[1]["total"] > 0
+        # 2 ranks: about half each (ZeRO-3 pads partitions; both keep tiny norm weights whole)
+        for h in held:
+            assert h["local"] <= 0.6 * h["total"], (eng, h)
+        assert sum(h["local"] for h in held) >= h["total"]
+    # ZeRO-3: from_pretrained itself built the parameters partitioned; no rank held the whole model first
+    assert r["held_zero3_rank0"]["partitioned_as_built"] and r["held_zero3_rank1"]["partitioned_as_built"]
 
 
 @pytest.mark.slow

@@ -178,7 +178,8 @@ def _route_through(shm: ShmCollectives) -> Callable[[], None] | None:
 def zero3_loading(ds_cfg: dict[str, Any]) -> Any:
     """Makes every HF model built from now on (until `unset_hf_deepspeed_config`) partition its
     parameters over the ranks as it is constructed and as `from_pretrained` fills it: rank 0 reads
-    the checkpoint, each rank keeps its partition, no rank ever holds the whole model.
+    the (memory-mapped) checkpoint module by module, each rank keeps its partitions, and no rank
+    builds the whole model.
 
     The returned object must stay referenced while models are built (HF holds only a weak
     reference); without it the weights of a ZeRO-3 model end up uninitialised.

@@ -153,7 +153,11 @@ def build_generator(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
 def _configure(lm: nn.Module, cfg: ModelConfig) -> nn.Module:
     if cfg.gradient_checkpointing:
         # Non-reentrant: gradients reach the adapters even when every input to a block is frozen (LoRA).
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name warns there
+            lm.activation_checkpointing_enable(kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return lm
 
 
