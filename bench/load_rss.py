@@ -13,7 +13,8 @@ path (`build_engine` with a `GeneratorBuilder`, model.name_or_path=<dir>), in th
 Per rank, from the moment before the model is built until the engine is ready to train: peak RSS
 (VmHWM, reset first; also its value once the model is built, before the engine's own setup), and
 the peak of its private part (RssAnon, sampled every 2 ms; file pages of
-the memory-mapped checkpoint are shared between ranks and reclaimable, anonymous pages are not).
+the memory-mapped checkpoint are shared between ranks and reclaimable, anonymous pages are not);
+then the peak RSS once one training step has made gradients and optimizer state exist.
 Each figure is the increase over the rank's RSS just before loading (interpreter, torch, DeepSpeed:
 the same in every mode). Modes are interleaved round by round; medians over rounds. The last line is
 one JSON object:
@@ -104,6 +105,11 @@ def rank_main(mode: str, model_dir: str, out: str) -> None:
     sampler.join()
     end = _status()
     params = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in engine.module.parameters())
+    # One training step: gradients and optimizer state exist from here on (ZeRO-3 and FSDP2 hold
+    # their share of them, a full copy holds all of them).
+    ids = torch.randint(10, 1000, (1, 32))
+    engine.train_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    stepped = _status()
     rec = {
         "rank": rank,
         "mode": mode,
@@ -111,6 +117,7 @@ def rank_main(mode: str, model_dir: str, out: str) -> None:
         "peak_rss_mib": (end["VmHWM"] - base["VmRSS"]) / 2**20,
         "peak_anon_mib": (max(peak_anon[0], end["RssAnon"]) - base["RssAnon"]) / 2**20,
         "end_rss_mib": (end["VmRSS"] - base["VmRSS"]) / 2**20,
+        "step_peak_rss_mib": (stepped["VmHWM"] - base["VmRSS"]) / 2**20,
         # the model built (whole, or this rank's partitions) before the engine's own setup; FSDP
         # ranks other than 0 never build it whole
         "load_peak_rss_mib": (builder.peak - base["VmRSS"]) / 2**20 if builder.peak else None,
@@ -187,12 +194,12 @@ def main() -> None:
     for mode in modes:
         summary[mode] = {
             key: [round(med(mode, key, k), 1) for k in range(2)]
-            for key in ("peak_rss_mib", "peak_anon_mib", "end_rss_mib", "load_s")
+            for key in ("peak_rss_mib", "peak_anon_mib", "end_rss_mib", "step_peak_rss_mib", "load_s")
         }
         loads = [[run[k]["load_peak_rss_mib"] for run in runs[mode]] for k in range(2)]
         summary[mode]["load_peak_rss_mib"] = [round(statistics.median(v), 1) if None not in v else None for v in loads]
     if "zero3" in modes and "full" in modes:
-        for key in ("peak_rss_mib", "peak_anon_mib", "load_peak_rss_mib"):
+        for key in ("peak_rss_mib", "peak_anon_mib", "load_peak_rss_mib", "step_peak_rss_mib"):
             z, f = summary["zero3"][key], summary["full"][key]
             summary[f"zero3_vs_full_{key}_per_rank"] = [round(a / b, 3) for a, b in zip(z, f)]
             summary[f"zero3_vs_full_{key}_worst_rank"] = round(max(z) / max(f), 3)

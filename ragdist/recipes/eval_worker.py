@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ragdist.config import as_object, load_resolved
 from ragdist.errors import RagdistError
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from ragdist.recipes.evaluate import evaluate_checkpoints
 
     cfg = load_resolved(argv[0])
-    request = json.loads(open(argv[1]).read())
+    request = json.loads(Path(argv[1]).read_text())
     rank, _ = rdist.init_process_group()
     setup_logging(rank)
     torch.set_num_threads(max(1, cfg.trainer.omp_threads))
