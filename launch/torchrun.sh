@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ragdist-train under torchrun: one rank per GPU (per CPU process on a CPU machine).
 # Arguments are ragdist-train's Hydra overrides. Rank 0 prepares data, index and retrieval service;
-# every rank trains; rank 0 evaluates. Only rank 0 prints; rank N logs to <run dir>/logs/rank-N.log.
+# every rank trains, then generates its share of the evaluation; rank 0 writes the report. Only rank 0 prints; rank N logs to <run dir>/logs/rank-N.log.
 #
 # One node:
 #   launch/torchrun.sh +experiment=tiny hydra.run.dir=runs/tr-tiny

@@ -6,7 +6,8 @@
 #     the retrieval service's shard actors run there;
 #  2. one training rank per SLURM task (`srun` → python -m ragdist.launch.rank), with RANK /
 #     WORLD_SIZE / LOCAL_RANK from SLURM and MASTER_ADDR / MASTER_PORT from the first node; rank 0
-#     prepares data, index and service, all ranks train, rank 0 evaluates and writes the report;
+#     prepares data, index and service, all ranks train and generate their share of the
+#     evaluation, rank 0 writes the report;
 #  3. preemption: SIGUSR1 (`--signal=USR1@120`, or `scancel --signal=USR1 JOB`) reaches the ranks,
 #     which checkpoint and exit with status 75; the job then stops its Ray processes and runs
 #     `scontrol requeue`. The requeued job has the same id, hence the same run directory, and

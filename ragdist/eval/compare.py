@@ -23,6 +23,7 @@ import numpy as np
 from ragdist.data.qa import QAExample
 from ragdist.errors import ConfigError
 from ragdist.eval import metrics as M
+from ragdist.eval.generation import eval_device, from_main, is_main
 from ragdist.eval.robustness import Passage, passage_text
 from ragdist.eval.runner import STRATEGIES, EvalConfig, Retrieve, evaluate_strategy, retrieval_depth
 
@@ -235,14 +236,15 @@ def run_comparison(
     ranked: dict[str, list[list[Passage]]] = {}
     retrieval: dict[str, Any] = {}
     for name in sorted({s.retriever for s in strategies if s.retriever}):
-        if name not in retrievers:
+        if name not in retrievers and is_main():
             raise ConfigError(
                 f"no retriever {name!r} for rows {[s.name for s in strategies if s.retriever == name]}"
             )
-        ranked[name], batched_s = rank_all(retrievers[name], examples, depth, cfg.batch_size)
+        # Retrieved once, on rank 0; every rank generates from the same passages.
+        ranked[name], batched_s = from_main(lambda r=name: rank_all(retrievers[r], examples, depth, cfg.batch_size))
         retrieval[name] = retrieval_report(examples, ranked[name], [*cfg.recall_ks, top_k])
         retrieval[name]["batched_retrieval_s_per_q"] = batched_s
-        retrieval[name]["partial_calls"] = getattr(retrievers[name], "partial_calls", 0)
+        retrieval[name]["partial_calls"] = getattr(retrievers.get(name), "partial_calls", 0)
         log.info(
             "retrieval %s: depth %d, %s",
             name,
@@ -253,6 +255,7 @@ def run_comparison(
     for s in strategies:
         t0 = time.perf_counter()
         model, tokenizer = load_model(s.model)
+        model = model.to(eval_device())
         out = evaluate_strategy(
             model,
             tokenizer,
@@ -268,6 +271,8 @@ def run_comparison(
         )
         del model
         m = out["metrics"]
+        if not is_main():  # the other ranks only helped generate
+            continue
         if s.retriever:
             m.update(retrieval[s.retriever]["metrics"])
             m["batched_retrieval_s_per_q"] = retrieval[s.retriever]["batched_retrieval_s_per_q"]

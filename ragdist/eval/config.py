@@ -13,7 +13,10 @@ STRATEGIES = ["closed_book", "base_rag", "closed_book_rag", "rag", "joint"]
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 16
-    batch_size: int = 32
+    batch_size: int = 32  # questions per generate call (on each rank)
+    # Ranks that generate when ragdist-eval, or ragdist-train after training, evaluates outside a
+    # launcher (each on its own GPU where there are GPUs); under a launcher every rank does.
+    nproc: int = 1
     max_questions: int | None = None
     max_prompt_len: int = 256
     checkpoint: str = ""  # ragdist-eval: model dir to evaluate ("" = the run's checkpoints)
@@ -48,7 +51,7 @@ class EvalConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         require(not unknown, f"eval.strategies: unknown {unknown} (known: {STRATEGIES})")
         one_of("eval.distractor_source", self.distractor_source, ("hard", "random"))
-        for key in ("max_new_tokens", "batch_size", "max_prompt_len", "nli_batch_size", "max_questions",
+        for key in ("max_new_tokens", "batch_size", "nproc", "max_prompt_len", "nli_batch_size", "max_questions",
                     "retrieval_batch_size"):
             at_least(f"eval.{key}", getattr(self, key), 1)
         for key in ("latency_samples", "latency_warmup"):

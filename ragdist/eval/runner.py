@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from ragdist.data.qa import QAExample
 from ragdist.eval import metrics as M
 from ragdist.eval.config import STRATEGIES, EvalConfig  # noqa: F401 - the schema lives in eval/config.py
+from ragdist.eval.generation import generate, generate_sharded, is_main
 from ragdist.eval.robustness import (
     Passage,
     insert_at_random,
@@ -27,34 +27,9 @@ from ragdist.eval.robustness import (
     question_rng,
     reorder,
 )
-from ragdist.train.examples import collate_prompts, prompt_ids
+from ragdist.prompts import prompt_ids
 
 Retrieve = Callable[[list[str], int], list[list[Passage]]]
-
-
-@torch.no_grad()
-def generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int
-) -> tuple[list[str], list[int]]:
-    """Greedy answers and the number of tokens generated for each (up to and including end-of-answer)."""
-    batch = collate_prompts(prompts, tokenizer.pad_token_id)
-    # The prompts are built on the CPU; a model placed on a GPU generates there.
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    out = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    texts, counts = [], []
-    for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        n = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-        counts.append(n)
-        texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
-    return texts, counts
-
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     return generate(model, tokenizer, prompts, max_new_tokens)[0]
@@ -76,21 +51,13 @@ def generate_all(
     cfg: EvalConfig,
     fmt: Any | None = None,
 ) -> Generations:
-    g = Generations([], [], [], [])
-    for i in range(0, len(examples), cfg.batch_size):
-        batch = examples[i : i + cfg.batch_size]
-        ctxs = contexts[i : i + cfg.batch_size] if contexts is not None else [[] for _ in batch]
-        prompts = [
-            prompt_ids(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt) for ex, ctx in zip(batch, ctxs)
-        ]
-        t0 = time.perf_counter()
-        texts, counts = generate(model, tokenizer, prompts, cfg.max_new_tokens)
-        dt = (time.perf_counter() - t0) / len(batch)
-        g.predictions += texts
-        g.generated_tokens += counts
-        g.prompt_tokens += [len(p) for p in prompts]
-        g.seconds_per_q += [dt] * len(batch)
-    return g
+    """Every question's answer, generated in batches over all ranks (collective under a process group)."""
+    ctxs = contexts if contexts is not None else [[] for _ in examples]
+    prompts = [prompt_ids(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt) for ex, ctx in zip(examples, ctxs)]
+    out = generate_sharded(
+        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
+    return Generations(out.texts, [len(p) for p in prompts], out.generated_tokens, out.seconds_per_q)
 
 
 def em_of(examples: Sequence[QAExample], predictions: Sequence[str]) -> float:
@@ -178,7 +145,9 @@ def evaluate_strategy(
                 "generated_tokens": main.generated_tokens[i],
             }
         )
-    if nli is not None and contexts is not None:
+    # Once, on rank 0 (under a process group the other ranks only help generate; rank 0 reports).
+    main_rank = is_main()
+    if nli is not None and contexts is not None and main_rank:
         from ragdist.eval.faithfulness import claim
 
         scores = nli.scores(
@@ -211,10 +180,12 @@ def evaluate_strategy(
         m.update(
             _sweep_and_robustness(model, tokenizer, examples, ranked, top_k, cfg, pool, main.predictions, fmt)
         )  # type: ignore[arg-type]
-    lat = probe_latency(model, tokenizer, examples, None if closed else retrieve, top_k, cfg, fmt)
-    m["retrieval_latency_s"] = M.percentiles(lat["retrieval"]) if lat["retrieval"] else {}
-    m["generation_latency_s"] = M.percentiles(lat["generation"])
-    m["e2e_latency_s"] = M.percentiles(lat["e2e"])
+    lat: dict[str, list[float]] = {"retrieval": [], "generation": [], "e2e": []}
+    if main_rank:  # one question at a time, as a user sees it: timed where nothing else generates
+        lat = probe_latency(model, tokenizer, examples, None if closed else retrieve, top_k, cfg, fmt)
+        m["retrieval_latency_s"] = M.percentiles(lat["retrieval"]) if lat["retrieval"] else {}
+        m["generation_latency_s"] = M.percentiles(lat["generation"])
+        m["e2e_latency_s"] = M.percentiles(lat["e2e"])
     return {"metrics": m, "rows": rows, "latency": lat}
 
 

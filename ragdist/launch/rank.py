@@ -6,7 +6,8 @@
     python -m ragdist.launch.rank --check <overrides>     # compose only: exit 2 naming a bad key
 
 It runs ragdist-train's launcher mode (rank 0 prepares data, index and service; every rank trains;
-rank 0 evaluates) and adds what a launcher does not give:
+every rank generates its share of the evaluation, rank 0 writes the report) and adds what a
+launcher does not give:
 - srun's SLURM_* variables become torch's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
 - hydra.run.dir must be on the command line, since each rank would otherwise name its own ${now:} dir;
 - the console is rank 0's: every other rank writes to <run_dir>/logs/rank-<N>.log, and only a

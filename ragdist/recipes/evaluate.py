@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ragdist.config import as_object, conf_dir, load_resolved, register_configs
-from ragdist.errors import ConfigError
+from ragdist.errors import ConfigError, RagdistError
 from ragdist.recipes.common import cli, dump_config, load_qa_file, load_qa_splits, log, setup_logging
 
 TRAINABLE = ("rag", "closed_book")
@@ -49,7 +50,7 @@ def _model_loader(cfg: DictConfig) -> Any:
             mcfg = as_object(cfg.model)
             tokenizer = load_tokenizer(mcfg, tokenizer_data(cfg))
             return build_generator(mcfg, tokenizer).eval(), tokenizer
-        return load_generator(ref)
+        return load_generator(ref, dtype=cfg.model.dtype, attn=cfg.model.attn_implementation)
 
     return load
 
@@ -121,8 +122,15 @@ def evaluate_checkpoints(
 ) -> dict[str, Any]:
     """Every comparison row that `ckpts` (+ the base model, + eval.joint_run) allows, on the held-out
     questions; writes report.md / report.json / plots / predictions to cfg.run_dir. The retrieval
-    service for cfg.index.snapshot must be running."""
+    service for cfg.index.snapshot must be running.
+
+    Under a process group every rank calls this and generates its share; rank 0 reports (the
+    others return {}). Outside one, with eval.nproc > 1, it runs on that many spawned ranks."""
     from ragdist.data.qa import check_disjoint, check_gold_ids
+    from ragdist.eval.generation import is_main, world
+
+    if cfg.eval.nproc > 1 and world()[1] == 1:
+        return spawn_eval_ranks(cfg, ckpts, base=base)
     from ragdist.eval.compare import BASE, ServiceRetriever, plan, resolve_joint, run_comparison
     from ragdist.eval.faithfulness import build_scorer
     from ragdist.eval.plots import write_plots
@@ -160,12 +168,15 @@ def evaluate_checkpoints(
     pools: dict[str, Any] = {}
     owned = []
     try:
+        # Rank 0 retrieves (and serves the joint snapshot); every rank builds the same distractor pool.
         if any(s.retriever == "main" for s in strategies):
-            retrievers["main"] = ServiceRetriever(as_object(cfg.retrieval), embedder)
+            if is_main():
+                retrievers["main"] = ServiceRetriever(as_object(cfg.retrieval), embedder)
             if ecfg.distractor_source == "random":
                 pools["main"] = load_passage_pool(cfg.index.snapshot, seed=ecfg.seed)
         if joint is not None:
-            retrievers["joint"] = _joint_retriever(cfg, joint, owned)
+            if is_main():
+                retrievers["joint"] = _joint_retriever(cfg, joint, owned)
             if ecfg.distractor_source == "random":
                 pools["joint"] = load_passage_pool(joint.snapshot, seed=ecfg.seed)
         out = run_comparison(
@@ -181,6 +192,8 @@ def evaluate_checkpoints(
     finally:
         for rcfg in owned:
             _stop_quietly(rcfg)
+    if not is_main():
+        return {}
 
     training = _training(run_dir, [v for v in TRAINABLE if v in ckpts])
     if joint is not None and joint.training:
@@ -239,6 +252,24 @@ def evaluate_checkpoints(
     print("\n" + table(report["results"], labels) + "\n", flush=True)
     print(f"report: {run_dir / 'report.md'}", flush=True)
     return report
+
+
+def spawn_eval_ranks(cfg: DictConfig, ckpts: dict[str, str], *, base: bool) -> dict[str, Any]:
+    """`evaluate_checkpoints` on eval.nproc ranks of this node (ragdist.recipes.eval_worker); the report they wrote."""
+    from ragdist import distributed as rdist
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "eval_resolved.yaml")
+    request = run_dir / "eval_request.json"
+    request.write_text(json.dumps({"checkpoints": ckpts, "base": base}))
+    cmd = [sys.executable, "-m", "ragdist.recipes.eval_worker", str(run_dir / "eval_resolved.yaml"), str(request)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.trainer.omp_threads), PYTHONUNBUFFERED="1")
+    log.info("eval: %d ranks", cfg.eval.nproc)
+    rc = rdist.launch_local(cmd, cfg.eval.nproc, env=env, master_port=cfg.trainer.master_port)
+    if rc != 0:
+        raise RagdistError(f"evaluation ranks failed (exit status {rc}); see the log above")
+    return json.loads((run_dir / "report.json").read_text())
 
 
 def _joint_retriever(cfg: DictConfig, joint: Any, owned: list[Any]) -> Any:

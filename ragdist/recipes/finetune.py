@@ -7,9 +7,9 @@
     torchrun --nproc_per_node 2 -m ragdist.launch.rank hydra.run.dir=runs/x ...
 
 Without a launcher this process is the driver: it prepares data, index and service, launches the
-ranks (PyTorch's elastic agent, on loopback), and evaluates when they finish. Under a launcher, rank 0
-prepares and every rank receives the prepared config. Either way every rank runs
-`recipes.training.train_ranks`. On SIGTERM / SIGUSR1 the ranks checkpoint at the next step boundary
+ranks (PyTorch's elastic agent, on loopback), and evaluates when they finish (on eval.nproc ranks).
+Under a launcher, rank 0 prepares, every rank receives the prepared config and generates its share of
+the evaluation. Either way every rank runs `recipes.training.train_ranks`. On SIGTERM / SIGUSR1 the ranks checkpoint at the next step boundary
 and everything exits with status 75 (REQUEUE_EXIT_CODE); `trainer.resume=auto` with the same run dir
 continues.
 """
@@ -82,10 +82,10 @@ class FinetuneRecipe:
             sys.exit(REQUEUE_EXIT_CODE)  # cleanup() still tears down cleanly
 
     def evaluate(self) -> dict[str, Any] | None:
-        report = None
-        if self.rank == 0:
-            ckpts = {v: str(Path(self.cfg.run_dir) / "checkpoints" / v) for v in self.cfg.trainer.variants}
-            report = evaluate_checkpoints(self.cfg, ckpts, self.embedder)
+        """Under a launcher every rank generates its share of the answers and rank 0 writes the report;
+        a driver evaluates on eval.nproc ranks of its own."""
+        ckpts = {v: str(Path(self.cfg.run_dir) / "checkpoints" / v) for v in self.cfg.trainer.variants}
+        report = evaluate_checkpoints(self.cfg, ckpts, self.embedder) or None
         if self.launched:
             import torch.distributed as dist
 

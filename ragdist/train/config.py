@@ -91,7 +91,9 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1
     max_steps: int = 1000
     grad_clip: float = 1.0  # 0 = no clipping
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: DeepSpeed only)
+    # auto (model.dtype's) | fp32 | bf16 | fp16 (fp16: DeepSpeed only). bf16 / fp16 compute in that
+    # dtype and keep fp32 master weights and optimizer state, whatever dtype the model loaded in.
+    precision: str = "auto"
     max_seq_len: int = 256
     log_every: int = 25
     seed: int = 0
@@ -123,8 +125,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.engine={self.engine!r}: expected 'deepspeed' or 'fsdp'")
         if self.cpu_collectives not in ("shm", "gloo"):
             raise ConfigError(f"trainer.cpu_collectives={self.cpu_collectives!r}: expected 'shm' or 'gloo'")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"trainer.precision={self.precision!r}: expected fp32, bf16 or fp16")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"trainer.precision={self.precision!r}: expected auto, fp32, bf16 or fp16")
         for key in ("micro_batch_size", "grad_accum", "max_steps", "retrieval_lookahead"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)}: must be at least 1")
@@ -155,13 +157,26 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_position: int = 512
-    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    # The dtype weights are loaded, held outside the optimizer, evaluated and exported in:
+    # fp32 | bf16 | fp16. trainer.precision=auto trains in the matching mixed precision (fp32 master
+    # weights either way).
+    dtype: str = "fp32"
+    # sdpa | eager | flash_attention_2 (needs the flash-attn package and a CUDA GPU; sdpa otherwise,
+    # with a warning saying which is missing).
+    attn_implementation: str = "sdpa"
+    # Recompute each block's activations in the backward pass: less memory, ~a third more compute.
+    gradient_checkpointing: bool = False
+    # The chat template prompts are built with: "" = the tokenizer's own, if it has one (plain
+    # prompts otherwise); "none" = plain prompts even when it has one; else a template file
+    # (.jinja) or the template text itself.
+    chat_template: str = ""
     # Chunked linear + cross-entropy over answer tokens only, never materializing full logits.
     fused_loss: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         one_of("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position", "bpe_vocab_size"):
             at_least(f"model.{key}", getattr(self, key), 1)
         if not self.name_or_path:
@@ -175,7 +190,10 @@ class PeftConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Layers that get adapters, by name or dotted name suffix (`q_proj`, `attn.c_proj`), or
+    # [all-linear]; [] = every linear layer of the architecture's attention blocks (q/k/v/o_proj in
+    # Llama, Qwen2, Mistral; qkv_proj/o_proj in Phi-3; attn.c_attn/attn.c_proj in GPT-2).
+    target_modules: list[str] = field(default_factory=list)
     # Regular expressions searched in parameter names (as `named_parameters()` of the HF model prints them).
     freeze: list[str] = field(default_factory=list)
     unfreeze: list[str] = field(default_factory=list)
@@ -193,8 +211,6 @@ class PeftConfig:
                 raise ConfigError(f"peft.r={self.r}: the LoRA rank must be at least 1")
             if not 0.0 <= self.dropout < 1.0:
                 raise ConfigError(f"peft.dropout={self.dropout}: must be in [0, 1)")
-            if not self.target_modules:
-                raise ConfigError("peft.target_modules is empty: name the linear layers that get adapters")
         if self.train_last_n_blocks < 0:
             raise ConfigError(f"peft.train_last_n_blocks={self.train_last_n_blocks}: must not be negative")
         for key in ("freeze", "unfreeze"):

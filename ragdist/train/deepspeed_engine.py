@@ -15,7 +15,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ragdist.errors import ConfigError
-from ragdist.train.engine import TrainerConfig, adamw, lr_lambda, trainable_parameters
+from ragdist.train.engine import (
+    TrainerConfig,
+    adamw,
+    lr_lambda,
+    resolve_precision,
+    trainable_parameters,
+    upcast_to_fp32,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +86,8 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
         if not cuda:
             raise ConfigError("trainer.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
         ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
-    elif cfg.precision != "fp32":
-        raise ConfigError(f"trainer.precision={cfg.precision!r}: expected fp32, bf16 or fp16")
+    elif cfg.precision not in ("fp32", "auto"):
+        raise ConfigError(f"trainer.precision={cfg.precision!r}: expected auto, fp32, bf16 or fp16")
     return ds
 
 
@@ -95,6 +102,20 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def zero3_loading(ds_cfg: dict[str, Any]) -> Any:
+    """Makes every HF model built from now on (until `unset_hf_deepspeed_config`) partition its
+    parameters over the ranks as it is constructed and as `from_pretrained` fills it: rank 0 reads
+    the (memory-mapped) checkpoint module by module, each rank keeps its partitions, and no rank
+    builds the whole model.
+
+    The returned object must stay referenced while models are built (HF holds only a weak
+    reference); without it the weights of a ZeRO-3 model end up uninitialised.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_cfg)
+
+
 class DeepSpeedEngine:
     def __init__(self, cfg: TrainerConfig, build_module: Callable[[], nn.Module], run_dir: str | Path):
         import deepspeed
@@ -106,18 +127,19 @@ class DeepSpeedEngine:
             from ragdist.train.deepspeed_shm import route_cpu_collectives
 
             self._unroute = route_cpu_collectives()
+        cfg = resolve_precision(cfg, build_module)
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         ds_cfg = deepspeed_config(cfg, self.world_size)
         self.zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
-        self._hf_ds = None
-        if self.zero3:
-            # ZeRO-3 partitions parameters as the model is built; the HF integration must see the
-            # config first (and stay referenced) or the weights end up uninitialised.
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds = HfDeepSpeedConfig(ds_cfg)
+        self._hf_ds = zero3_loading(ds_cfg) if self.zero3 else None
         module = build_module()
+        mixed = any(ds_cfg.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        if not self.zero3 and not mixed:
+            # fp32 training of a model loaded in bf16/fp16: DeepSpeed would step the low-precision
+            # weights themselves. (Mixed precision keeps its own fp32 master copy; ZeRO-3 builds
+            # the partitions in the config's dtype.)
+            upcast_to_fp32(module)
         params = trainable_parameters(module)
         if "optimizer" in ds_cfg:
             optimizer: Any = None

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -72,6 +73,25 @@ def lr_lambda(cfg: TrainerConfig) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return f
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(cfg: TrainerConfig, build_module: Callable[[], nn.Module]) -> TrainerConfig:
+    """`trainer.precision=auto`: the precision of the dtype the model loads in (`model.dtype`, which
+    a `GeneratorBuilder` carries; fp32 for any other builder)."""
+    if cfg.precision != "auto":
+        return cfg
+    dtype = getattr(build_module, "dtype", "fp32")
+    return dataclasses.replace(cfg, precision=dtype if dtype in PRECISIONS else "fp32")
+
+
+def upcast_to_fp32(module: nn.Module) -> nn.Module:
+    """Floating-point parameters and buffers in fp32 (the master weights); a no-op when they are."""
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in [*module.parameters(), *module.buffers()]):
+        module.float()
+    return module
 
 
 def adamw(params: list[nn.Parameter], cfg: TrainerConfig) -> torch.optim.Optimizer:

@@ -8,7 +8,8 @@ building it in a background thread (prefetch) or inline gives the same tensors:
    is injected when retrieval missed it, and the order is shuffled (training only);
 2. encoding — one example with all passages (`concat`), one per passage (`sequential`, as RA-DIT
    trains), or one whose context is a generated summary of the passages (`summarize`), truncated
-   to the token budget with the answer always kept.
+   to the token budget with the answer always kept. The tokens themselves (plain prompt or chat
+   template) come from `ragdist.prompts`, which evaluation uses too.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ import numpy as np
 import torch
 
 from ragdist.errors import ConfigError, IndexError_
-from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE, ExamplesConfig
-from ragdist.train.model import IGNORE
+from ragdist.prompts import (  # noqa: F401  (the prompt functions are also reached through this module)
+    IGNORE,
+    _ids,
+    collate_prompts,
+    encode_train,
+    format_passages,
+    prompt_ids,
+)
+from ragdist.train.config import ExamplesConfig
 from ragdist.utils.cache import LRU
 
 log = logging.getLogger(__name__)
 
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class TokenMemo:
@@ -61,58 +65,6 @@ class TokenMemo:
         return ids
 
 
-def format_passages(passages: Sequence[dict[str, Any]], fmt: ExamplesConfig | None = None) -> list[str]:
-    template = fmt.passage_template if fmt else PASSAGE_TEMPLATE
-    return [template.format(n=n, title=p.get("title", ""), text=p["text"]) for n, p in enumerate(passages, start=1)]
-
-
-def prompt_ids(
-    tokenizer: Any,
-    question: str,
-    passages: Sequence[dict[str, Any]],
-    budget: int,
-    fmt: ExamplesConfig | None = None,
-    ids: Callable[[str], list[int]] | None = None,
-) -> list[int]:
-    """Passages first (truncated to fit `budget` tokens in all), then the question.
-
-    `ids(text)` tokenizes (default: the tokenizer itself; a `TokenMemo` gives the same ids faster).
-    """
-    ids = ids or (lambda text: _ids(tokenizer, text))
-    q_template = fmt.question_template if fmt else QUESTION_TEMPLATE
-    q = ids(q_template.format(question=question))
-    room = budget - len(q)
-    if room < 0:
-        return q[-budget:]
-    ctx: list[int] = []
-    for text in format_passages(passages, fmt):
-        if room <= 0:
-            break
-        piece = ids(text)[:room]
-        ctx += piece
-        room -= len(piece)
-    bos = [tokenizer.cls_token_id] if getattr(tokenizer, "cls_token_id", None) is not None else []
-    return bos + ctx + q if len(bos) + len(ctx) + len(q) <= budget else ctx + q
-
-
-def encode_train(
-    tokenizer: Any,
-    question: str,
-    passages: Sequence[dict[str, Any]],
-    answer: str,
-    max_len: int,
-    fmt: ExamplesConfig | None = None,
-    ids: Callable[[str], list[int]] | None = None,
-) -> dict[str, list[int]]:
-    """Loss only on the answer (and the end-of-answer token); the answer is never truncated away."""
-    ids = ids or (lambda text: _ids(tokenizer, text))
-    frac = fmt.answer_max_frac if fmt else 0.5
-    ans = ids(" " + answer) + [tokenizer.eos_token_id]
-    ans = ans[: max(1, int(max_len * frac))]
-    prompt = prompt_ids(tokenizer, question, passages, max_len - len(ans), fmt, ids)
-    return {"input_ids": prompt + ans, "labels": [IGNORE] * len(prompt) + ans}
-
-
 def collate_train(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     n = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
@@ -124,17 +76,6 @@ def collate_train(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, to
         labels[i, :m] = torch.tensor(r["labels"])
         mask[i, :m] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded, so generation continues right after each prompt."""
-    n = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), n), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p) :] = torch.tensor(p)
-        mask[i, n - len(p) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 class PassageStore:

@@ -24,6 +24,7 @@ from ragdist.train.engines import build_engine
 from ragdist.train.examples import ExampleBuilder, PassageStore, Summarizer
 from ragdist.train.model import (
     AnswerLossLM,
+    GeneratorBuilder,
     ModelConfig,
     build_generator,
     load_generator,
@@ -45,14 +46,12 @@ log = logging.getLogger(__name__)
 
 
 def build_module_fn(model_cfg: ModelConfig, tokenizer: Any, peft_cfg: PeftConfig) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
-        if peft_cfg.method == "qlora":
-            base = load_quantized_generator(model_cfg)
-        else:
-            base = build_generator(model_cfg, tokenizer)
+    def wrap(base: torch.nn.Module) -> torch.nn.Module:
         return AnswerLossLM(apply_peft(base, peft_cfg), fused_loss=model_cfg.fused_loss)
 
-    return build
+    if peft_cfg.method == "qlora":
+        return lambda: wrap(load_quantized_generator(model_cfg))
+    return GeneratorBuilder(model_cfg, tokenizer, wrap)
 
 
 def make_summarizer(trainer: TrainerConfig, model_cfg: ModelConfig, tokenizer: Any) -> Summarizer | None:

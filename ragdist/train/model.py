@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragdist.errors import ConfigError
+from ragdist.prompts import IGNORE  # noqa: F401 - also reached through this module
 from ragdist.train.config import ModelConfig
 from ragdist.train.tokenizer import TokenizerData, bpe_tokenizer
 
-IGNORE = -100
+log = logging.getLogger(__name__)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"{key}={name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def attn_implementation(cfg: ModelConfig) -> str:
+    """The attention kernel to build the model with: the configured one where it can run."""
+    import importlib.util
+
+    impl = cfg.attn_implementation
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation={impl!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if impl == "flash_attention_2":
+        missing = []
+        if importlib.util.find_spec("flash_attn") is None:
+            missing.append("the flash-attn package is not installed")
+        if not torch.cuda.is_available():
+            missing.append("there is no CUDA GPU")
+        if missing:
+            log.warning("model.attn_implementation=flash_attention_2: %s; using sdpa", " and ".join(missing))
+            return "sdpa"
+    return impl
 
 
 def load_tokenizer(cfg: ModelConfig, data: TokenizerData | None = None) -> Any:
@@ -42,7 +74,31 @@ def load_tokenizer(cfg: ModelConfig, data: TokenizerData | None = None) -> Any:
         tok.pad_token = tok.eos_token or tok.unk_token
     if tok.eos_token is None:
         tok.eos_token = tok.sep_token or tok.pad_token
+    if cfg.chat_template == "none":
+        tok.chat_template = None
+    elif cfg.chat_template:
+        tok.chat_template = read_chat_template(cfg.chat_template)
+    if tok.chat_template:
+        from ragdist.prompts import chat_frame
+
+        chat_frame(tok)  # a template that cannot frame a (passages + question, answer) turn fails here
     return tok
+
+
+def read_chat_template(spec: str) -> str:
+    """`model.chat_template`: a template file, or the template text itself."""
+    if "{{" in spec or "{%" in spec:
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(
+            f"model.chat_template={spec!r}: no such template file (give a .jinja file, the template text, "
+            "'none' for plain prompts, or '' for the tokenizer's own)"
+        )
+    text = path.read_text()
+    if "{{" not in text and "{%" not in text:
+        raise ConfigError(f"model.chat_template: {path} holds no Jinja template")
+    return text
 
 
 def _exists_locally(src: str) -> bool:
@@ -54,13 +110,45 @@ def _exists_locally(src: str) -> bool:
 
 
 def build_generator(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
+    """The generator with its weights: `name_or_path` loaded in `model.dtype`, or a seeded random
+    model built from the sizes in `cfg`.
+
+    Under an engine that partitions parameters as they are built (ZeRO-3), the engine has made
+    that so before this runs; see `GeneratorBuilder`.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
+    dtype = torch_dtype(cfg.dtype)
     if cfg.name_or_path:
         if not _exists_locally(cfg.name_or_path):
             raise ConfigError(f"model.name_or_path={cfg.name_or_path!r}: no such local model directory")
-        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn_implementation(cfg))
+        return _configure(lm, cfg)
+    lm = AutoModelForCausalLM.from_config(_tiny_config(cfg, tokenizer), dtype=dtype, attn_implementation=attn_implementation(cfg))
+    return _configure(lm, cfg)
+
+
+def _configure(lm: nn.Module, cfg: ModelConfig) -> nn.Module:
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: gradients reach the adapters even when every input to a block is frozen (LoRA).
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name warns there
+            lm.activation_checkpointing_enable(kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return lm
+
+
+def _model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
+    from transformers import AutoConfig
+
+    if cfg.name_or_path:
+        return AutoConfig.from_pretrained(cfg.name_or_path)
+    return _tiny_config(cfg, tokenizer)
+
+
+def _tiny_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     if cfg.arch != "llama":
         raise ConfigError(f"model.arch={cfg.arch!r}: only 'llama' can be built from config; pass name_or_path")
     if cfg.hidden_size % cfg.num_heads:
@@ -80,7 +168,39 @@ def build_generator(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
         bos_token_id=tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
-    return AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    return conf
+
+
+class GeneratorBuilder:
+    """How an engine builds the module it trains: `builder()` gives it whole, with its weights
+    (`wrap` adds adapters and the loss); `builder.on_meta()` gives the same module with no storage,
+    for an engine that shards it first and then fills the shards (FSDP2, from rank 0's weights).
+
+    `dtype` is `model.dtype`, what `trainer.precision=auto` follows.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Any, wrap: Callable[[nn.Module], nn.Module] | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.wrap = wrap or (lambda lm: lm)
+        self.dtype = cfg.dtype
+        torch_dtype(cfg.dtype)
+
+    @property
+    def pretrained(self) -> bool:
+        """Weights come from disk (a random model is built the same way on every rank instead)."""
+        return bool(self.cfg.name_or_path)
+
+    def __call__(self) -> nn.Module:
+        return self.wrap(build_generator(self.cfg, self.tokenizer))
+
+    def on_meta(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The module's structure, parameters and buffers on the meta device, in `dtype`."""
+        from transformers import AutoModelForCausalLM
+
+        conf = _model_config(self.cfg, self.tokenizer)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=attn_implementation(self.cfg))
+            return self.wrap(_configure(lm, self.cfg))
 
 
 class AnswerLossLM(nn.Module):
@@ -101,7 +221,8 @@ class AnswerLossLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         body = self.lm.get_decoder()
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # no KV cache in training: the decoder would otherwise build one it never reads
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         # position t predicts token t+1
         targets = labels[:, 1:]
         keep = targets != IGNORE
@@ -110,12 +231,17 @@ class AnswerLossLM(nn.Module):
         head = self.lm.get_output_embeddings()
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
-        if self.fused_loss and _whole_linear(head, h.shape[-1]):
+        # Gemma-2 style models squash their logits (tanh soft-capping) before the softmax.
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if self.fused_loss and not cap and _whole_linear(head, h.shape[-1]):
             fused = _fused_kernel()
             if fused is not None:
                 w = head.weight
                 return fused(h.to(w.dtype), w, y, bias=head.bias).float()
-        return F.cross_entropy(head(h).float(), y)
+        logits = head(h).float()
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return F.cross_entropy(logits, y)
 
 
 def _whole_linear(head: nn.Module, hidden_size: int) -> bool:
@@ -168,10 +294,16 @@ def save_pretrained_atomic(
     return out
 
 
-def load_generator(path: str | Path) -> tuple[nn.Module, Any]:
+def load_generator(path: str | Path, dtype: str = "fp32", attn: str = "sdpa") -> tuple[nn.Module, Any]:
+    """A saved generator and its tokenizer (which carries the chat template it was trained with)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ConfigError(f"{p}: not a saved model (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(p)
+    impl = attn_implementation(ModelConfig(attn_implementation=attn))
+    lm = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype(dtype), attn_implementation=impl)
+    tok = AutoTokenizer.from_pretrained(p)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return lm.eval(), tok

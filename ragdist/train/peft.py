@@ -63,18 +63,22 @@ def apply_peft(lm: nn.Module, cfg: PeftConfig) -> nn.Module:
             from peft import prepare_model_for_kbit_training
 
             lm = prepare_model_for_kbit_training(lm)
-        present = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
-        missing = [t for t in cfg.target_modules if t not in present]
-        if missing:
-            raise ConfigError(
-                f"peft.target_modules: {missing} not found in the model; its linear layers are named "
-                f"{sorted(n for n, m in _leaf_linears(lm))}"
-            )
+        targets: list[str] | str = list(cfg.target_modules) or default_target_modules(lm)
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        else:
+            names = [name for name, _ in lm.named_modules()]
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                raise ConfigError(
+                    f"peft.target_modules: {missing} not found in the model; its linear layers are named "
+                    f"{sorted(n for n, m in _leaf_linears(lm))}"
+                )
         lora = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
-            target_modules=list(cfg.target_modules),
+            target_modules=targets,
             task_type="CAUSAL_LM",
         )
         lm = get_peft_model(lm, lora)
@@ -82,8 +86,40 @@ def apply_peft(lm: nn.Module, cfg: PeftConfig) -> nn.Module:
     return lm
 
 
+def _is_linear(m: nn.Module) -> bool:
+    # GPT-2 style models use transformers' Conv1D, a linear layer with its weight transposed
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
 def _leaf_linears(model: nn.Module) -> set[tuple[str, str]]:
-    return {(name.rsplit(".", 1)[-1], type(m).__name__) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {(name.rsplit(".", 1)[-1], type(m).__name__) for name, m in model.named_modules() if _is_linear(m)}
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The linear layers inside the transformer blocks' attention, as `<attention>.<layer>` name
+    suffixes (`self_attn.q_proj`, `attn.c_attn`), in model order; else peft's own per-architecture
+    choice."""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        parts = name.split(".")
+        if len(parts) < 2 or not _is_linear(m) or block_index(name) is None:
+            continue
+        if re.search(r"attn|attention", parts[-2], re.IGNORECASE):
+            suffix = ".".join(parts[-2:])
+            if suffix not in out:
+                out.append(suffix)
+    if out:
+        return out
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as BY_TYPE
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in BY_TYPE:
+        return list(BY_TYPE[model_type])
+    raise ConfigError(
+        f"peft.target_modules: no attention layers found in this {model_type or type(model).__name__} model; "
+        f"name the layers that get adapters (its linear layers: {sorted(n for n, _ in _leaf_linears(model))}) "
+        "or use [all-linear]"
+    )
 
 
 def block_index(name: str) -> int | None:

@@ -1,0 +1,199 @@
+"""The prompt a generator sees, built here for training and evaluation alike.
+
+Plain prompts (a tokenizer without a chat template): the passages, then the question, then the
+answer after one space and the end-of-sequence token:
+
+    [bos] passage 1: <title>. <text>\\n ... question: <question>\\nanswer: <answer></s>
+
+Chat prompts (the tokenizer has a chat template, or `model.chat_template` gave it one): passages
+and question are the user turn, the answer is the assistant turn, rendered by the template:
+
+    <template's prefix> passage 1: ... question: <question>\\nanswer: <generation prompt> <answer><end of turn>
+
+Either way the loss covers the answer tokens only (and the token that ends the answer), the
+passages are what gets truncated to fit, and evaluation generates from exactly the prompt tokens
+training put before the answer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ragdist.errors import ConfigError
+
+IGNORE = -100  # the label of a token that carries no loss (torch's cross_entropy ignore_index)
+
+PASSAGE_TEMPLATE = "passage {n}: {title}. {text}\n"
+QUESTION_TEMPLATE = "question: {question}\nanswer:"
+
+# Stand-ins for the user message and the answer while a chat template is rendered once; the text
+# around them is the template's own.
+_USER, _ANSWER = "\x00ragdist-user\x00", "\x00ragdist-answer\x00"
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def format_passages(passages: Sequence[dict[str, Any]], fmt: Any | None = None) -> list[str]:
+    template = fmt.passage_template if fmt else PASSAGE_TEMPLATE
+    return [template.format(n=n, title=p.get("title", ""), text=p["text"]) for n, p in enumerate(passages, start=1)]
+
+
+def uses_chat(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+@dataclass(frozen=True)
+class ChatFrame:
+    """A chat template cut around one user turn and one assistant turn, as token ids."""
+
+    prefix: list[int]  # everything before the user's message (system prompt, bos, role header)
+    prompt_end: list[int]  # after the user's message, through the generation prompt
+    answer_lead: str  # text the template puts before the assistant's content beyond the generation prompt
+    answer_end: list[int]  # after the assistant's content, through the token that ends the turn
+    template: str
+
+
+_FRAMES: weakref.WeakKeyDictionary[Any, ChatFrame] = weakref.WeakKeyDictionary()
+
+
+def chat_frame(tokenizer: Any) -> ChatFrame:
+    """The tokenizer's chat template around one (user, assistant) exchange; cached per tokenizer."""
+    template = tokenizer.chat_template
+    cached = _FRAMES.get(tokenizer)
+    if cached is not None and cached.template == template:
+        return cached
+    user = [{"role": "user", "content": _USER}]
+    try:
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _ANSWER}], tokenize=False)
+    except Exception as e:  # a template's own error (jinja2, raise_exception), whatever its type
+        raise ConfigError(f"the chat template cannot render a user turn and an assistant turn: {e}") from None
+    if prompt.count(_USER) != 1 or full.count(_USER) != 1 or full.count(_ANSWER) != 1:
+        raise ConfigError("the chat template does not place the user message and the answer verbatim, once each")
+    prefix, after_user = prompt.split(_USER)
+    full_prefix, rest = full.split(_USER)
+    if full_prefix != prefix:
+        raise ConfigError("the chat template renders the user turn differently with and without an answer")
+    between, tail = rest.split(_ANSWER)
+    # Training must continue the very prompt evaluation generates from: the generation prompt.
+    # Text the template adds beyond it before an answer (rare) goes with the answer.
+    lead = between[len(after_user) :] if between.startswith(after_user) else ""
+    answer_end = _ids(tokenizer, tail)
+    stops = set(stop_token_ids(tokenizer, answer_end))
+    cut = next((i + 1 for i, t in enumerate(answer_end) if t in stops), len(answer_end))
+    frame = ChatFrame(
+        prefix=_ids(tokenizer, prefix),
+        prompt_end=_ids(tokenizer, after_user),
+        answer_lead=lead,
+        answer_end=answer_end[:cut],  # nothing after the turn ends (a trailing newline) is learned
+        template=template,
+    )
+    _FRAMES[tokenizer] = frame
+    return frame
+
+
+def stop_token_ids(tokenizer: Any, answer_end: Sequence[int] | None = None) -> list[int]:
+    """Tokens that end an answer: end-of-sequence, and with a chat template the token that closes
+    the assistant's turn (`<|im_end|>`, `<|eot_id|>`, ...) when that is a special token."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if answer_end is None:
+        if not uses_chat(tokenizer):
+            return stops
+        answer_end = chat_frame(tokenizer).answer_end
+    special = set(getattr(tokenizer, "added_tokens_decoder", {}) or {}) | set(tokenizer.all_special_ids)
+    if answer_end and answer_end[0] in special and answer_end[0] not in stops:
+        stops.append(answer_end[0])
+    return stops
+
+
+def prompt_ids(
+    tokenizer: Any,
+    question: str,
+    passages: Sequence[dict[str, Any]],
+    budget: int,
+    fmt: Any | None = None,
+    ids: Callable[[str], list[int]] | None = None,
+) -> list[int]:
+    """The prompt's token ids, at most `budget` of them: passages first (truncated to fit), then the
+    question; inside the chat template's user turn when the tokenizer has one.
+
+    `ids(text)` tokenizes (default: the tokenizer itself; a `TokenMemo` gives the same ids faster).
+    """
+    ids = ids or (lambda text: _ids(tokenizer, text))
+    q_template = fmt.question_template if fmt else QUESTION_TEMPLATE
+    q = ids(q_template.format(question=question))
+    if uses_chat(tokenizer):
+        frame = chat_frame(tokenizer)
+        fixed = len(frame.prefix) + len(frame.prompt_end)
+        if budget - fixed < 1:
+            raise ConfigError(
+                f"a prompt budget of {budget} tokens cannot hold the chat template's own {fixed} tokens "
+                "(raise trainer.max_seq_len / eval.max_prompt_len)"
+            )
+        return frame.prefix + _context(passages, q, budget - fixed, fmt, ids) + frame.prompt_end
+    if budget - len(q) < 0:
+        return q[-budget:]
+    body = _context(passages, q, budget, fmt, ids)
+    bos = [tokenizer.cls_token_id] if getattr(tokenizer, "cls_token_id", None) is not None else []
+    return bos + body if len(bos) + len(body) <= budget else body
+
+
+def _context(
+    passages: Sequence[dict[str, Any]], q: list[int], room: int, fmt: Any | None, ids: Callable[[str], list[int]]
+) -> list[int]:
+    """Passages truncated so that they and the question fit in `room` tokens, then the question."""
+    room -= len(q)
+    if room < 0:
+        return q[-(room + len(q)) :]
+    ctx: list[int] = []
+    for text in format_passages(passages, fmt):
+        if room <= 0:
+            break
+        piece = ids(text)[:room]
+        ctx += piece
+        room -= len(piece)
+    return ctx + q
+
+
+def answer_ids(tokenizer: Any, answer: str, ids: Callable[[str], list[int]] | None = None) -> list[int]:
+    """The answer's tokens as training teaches them, through the token that ends it."""
+    ids = ids or (lambda text: _ids(tokenizer, text))
+    if uses_chat(tokenizer):
+        frame = chat_frame(tokenizer)
+        return ids(frame.answer_lead + answer) + frame.answer_end
+    return ids(" " + answer) + [tokenizer.eos_token_id]
+
+
+def encode_train(
+    tokenizer: Any,
+    question: str,
+    passages: Sequence[dict[str, Any]],
+    answer: str,
+    max_len: int,
+    fmt: Any | None = None,
+    ids: Callable[[str], list[int]] | None = None,
+) -> dict[str, list[int]]:
+    """Prompt then answer; loss only on the answer (and its end token), which is never truncated away."""
+    ids = ids or (lambda text: _ids(tokenizer, text))
+    frac = fmt.answer_max_frac if fmt else 0.5
+    ans = answer_ids(tokenizer, answer, ids)[: max(1, int(max_len * frac))]
+    prompt = prompt_ids(tokenizer, question, passages, max_len - len(ans), fmt, ids)
+    return {"input_ids": prompt + ans, "labels": [IGNORE] * len(prompt) + ans}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded, so generation continues right after each prompt."""
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :] = torch.tensor(p)
+        mask[i, n - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
