@@ -25,11 +25,10 @@ from typing import Any
 import torch
 
 from ragdist.errors import ConfigError
+from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE  # the defaults live with ExamplesConfig
 
 IGNORE = -100  # the label of a token that carries no loss (torch's cross_entropy ignore_index)
 
-PASSAGE_TEMPLATE = "passage {n}: {title}. {text}\n"
-QUESTION_TEMPLATE = "question: {question}\nanswer:"
 
 # Stand-ins for the user message and the answer while a chat template is rendered once; the text
 # around them is the template's own.
