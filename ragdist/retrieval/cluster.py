@@ -57,6 +57,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
         # handshake only gets in the way of the processes we spawn.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
+            # "local": always a new cluster of our own, never one that another `ray start` on this
+            # machine registered as the current one (a bare init would silently join it)
+            address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
