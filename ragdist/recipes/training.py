@@ -78,6 +78,7 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     import torch
 
     from ragdist.embed import build_embedder
+    from ragdist.joint.supervised import TrainedRetrieval, supervised_result, train_supervised
     from ragdist.joint.train import train_joint
     from ragdist.retrieval.client import RetrievalClient
     from ragdist.train.examples import PassageStore
@@ -93,10 +94,12 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     trainer = as_object(cfg.trainer)
     joint = as_object(cfg.joint)
     client = store = None
+    supervised = "rag" in cfg.trainer.variants and joint.supervised.steps > 0
     if "rag" in cfg.trainer.variants and joint.loss == "none":
-        emb_cfg = as_object(cfg.embedder)
-        emb_cfg.progress = False
-        client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
+        if not supervised:  # after a supervised stage the generator reads the trained retriever instead
+            emb_cfg = as_object(cfg.embedder)
+            emb_cfg.progress = False
+            client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
         fmt = trainer.examples
         if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
             store = PassageStore.from_snapshot(cfg.index.snapshot)
@@ -114,21 +117,36 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
             if preempt.requested:  # between variants: the finished ones are saved, nothing else to keep
                 raise Preempted(None, 0)
             rag = variant == "rag"
+            snapshot = str(cfg.index.snapshot)
+            if rag and supervised:  # the retriever on gold ids first: a source and hook of the same loop
+                out.append(train_supervised(
+                    train, evals, joint=joint, trainer=trainer, retrieval=as_object(cfg.retrieval),
+                    embedder_cfg=as_object(cfg.embedder), snapshot=snapshot, run_dir=cfg.run_dir, logger=logger,
+                    stop_requested=lambda: preempt.requested,
+                ))  # fmt: skip
+                snapshot = supervised_result(cfg.run_dir)["snapshot"]
             if rag and joint.loss != "none":  # the retriever trains too: a source and hook of the same loop
                 out.append(train_joint(
                     "rag", train, evals, joint=joint, trainer=trainer, model_cfg=as_object(cfg.model),
                     retrieval=as_object(cfg.retrieval), embedder_cfg=as_object(cfg.embedder),
-                    snapshot=str(cfg.index.snapshot), tokenizer=tokenizer, run_dir=cfg.run_dir, logger=logger,
+                    snapshot=snapshot, tokenizer=tokenizer, run_dir=cfg.run_dir, logger=logger,
                     peft_cfg=as_object(cfg.peft), stop_requested=lambda: preempt.requested,
+                    init_dir=cfg.run_dir if supervised else None,
                 ))  # fmt: skip
                 continue
-            out.append(train_variant(
-                variant, train, trainer=trainer, model_cfg=as_object(cfg.model), tokenizer=tokenizer,
-                top_k=cfg.retrieval.top_k if rag else 0, retrieve=client.retrieve if (rag and client) else None,
-                run_dir=cfg.run_dir, logger=logger, peft_cfg=as_object(cfg.peft), store=store if rag else None,
-                index_version=(lambda: client.version) if (rag and client) else None,
-                stop_requested=lambda: preempt.requested,
-            ))  # fmt: skip
+            trained = TrainedRetrieval(cfg.run_dir, joint, as_object(cfg.retrieval), rank) if rag and supervised else None
+            source = trained or client
+            try:
+                out.append(train_variant(
+                    variant, train, trainer=trainer, model_cfg=as_object(cfg.model), tokenizer=tokenizer,
+                    top_k=cfg.retrieval.top_k if rag else 0, retrieve=source.retrieve if (rag and source) else None,
+                    run_dir=cfg.run_dir, logger=logger, peft_cfg=as_object(cfg.peft), store=store if rag else None,
+                    index_version=(trained.version if trained else (lambda: client.version)) if (rag and source) else None,
+                    stop_requested=lambda: preempt.requested,
+                ))  # fmt: skip
+            finally:
+                if trained is not None:
+                    trained.close()
     logger.finish()
     return out
 
