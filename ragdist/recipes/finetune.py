@@ -84,8 +84,12 @@ class FinetuneRecipe:
     def evaluate(self) -> dict[str, Any] | None:
         report = None
         if self.rank == 0:
-            ckpts = {v: str(Path(self.cfg.run_dir) / "checkpoints" / v) for v in self.cfg.trainer.variants}
-            report = evaluate_checkpoints(self.cfg, ckpts, self.embedder)
+            ckpts = {v: str(Path(self.cfg.run_dir) / "checkpoints" / v) for v in self.cfg.trainer.variants
+                     if v != "retriever"}  # fmt: skip
+            if ckpts:
+                report = evaluate_checkpoints(self.cfg, ckpts, self.embedder)
+            else:  # the retriever alone: its recall before → after is in joint_report.md
+                log.info("no generator trained: retrieval recall in %s", Path(self.cfg.run_dir) / "joint_report.md")
         if self.launched:
             import torch.distributed as dist
 

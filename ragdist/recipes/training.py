@@ -29,7 +29,7 @@ from ragdist.recipes.common import (
     tokenizer_data,
 )
 
-VARIANTS = ("rag", "closed_book")
+VARIANTS = ("rag", "closed_book", "retriever")  # retriever: the supervised stage alone (joint.supervised)
 
 
 def prepare(cfg: DictConfig) -> Any:
@@ -40,7 +40,7 @@ def prepare(cfg: DictConfig) -> Any:
 
     for variant in cfg.trainer.variants:
         if variant not in VARIANTS:
-            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
+            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book | retriever)")
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
     load_qa_splits(cfg)
@@ -94,7 +94,9 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     trainer = as_object(cfg.trainer)
     joint = as_object(cfg.joint)
     client = store = None
-    supervised = "rag" in cfg.trainer.variants and joint.supervised.steps > 0
+    # The supervised retriever stage: alone (variant `retriever`) or before the rag variant's generator.
+    supervised = "retriever" in cfg.trainer.variants or ("rag" in cfg.trainer.variants and joint.supervised.steps > 0)
+    sup_done = False
     if "rag" in cfg.trainer.variants and joint.loss == "none":
         if not supervised:  # after a supervised stage the generator reads the trained retriever instead
             emb_cfg = as_object(cfg.embedder)
@@ -104,7 +106,7 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
         if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
             store = PassageStore.from_snapshot(cfg.index.snapshot)
     logger = RunLogger(as_object(cfg.logger), cfg.run_dir, enabled=rank == 0, config=None)
-    if "rag" in cfg.trainer.variants:
+    if "rag" in cfg.trainer.variants or supervised:
         from ragdist.retrieval.cluster import init_ray
 
         # Before the preemption handler: attaching to Ray installs Ray's own SIGTERM handler, which
@@ -118,12 +120,17 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
                 raise Preempted(None, 0)
             rag = variant == "rag"
             snapshot = str(cfg.index.snapshot)
-            if rag and supervised:  # the retriever on gold ids first: a source and hook of the same loop
+            if (rag or variant == "retriever") and supervised and not sup_done:
+                # the retriever on gold ids first: a source and hook of the same loop
                 out.append(train_supervised(
                     train, evals, joint=joint, trainer=trainer, retrieval=as_object(cfg.retrieval),
                     embedder_cfg=as_object(cfg.embedder), snapshot=snapshot, run_dir=cfg.run_dir, logger=logger,
                     stop_requested=lambda: preempt.requested,
                 ))  # fmt: skip
+                sup_done = True
+            if variant == "retriever":
+                continue
+            if rag and supervised:
                 snapshot = supervised_result(cfg.run_dir)["snapshot"]
             if rag and joint.loss != "none":  # the retriever trains too: a source and hook of the same loop
                 out.append(train_joint(
