@@ -124,6 +124,32 @@ def test_supervised_config_errors_name_the_key():
         check_supervised_config(JointConfig(refresh_every=5, supervised=SupervisedConfig(steps=5)))
 
 
+@pytest.mark.slow
+def test_supervised_stage_before_joint_training_side_both(ray_cluster, tmp_path):
+    """`joint=lsr joint.supervised.steps=N joint.side=both` through ragdist-train: the supervised stage
+    refreshes the index while it trains, and joint training starts from its encoders and final index."""
+    from tests.conftest import run_cli
+    from tests.test_golden import CHEAP_EVAL
+
+    run = tmp_path / "run"
+    p = run_cli(["ragdist-train", "+experiment=tiny", "joint=lsr", "joint.side=both", "joint.refresh_every=3",
+                 "joint.refresh_nice=0", "joint.refresh_wait_staleness=4", "joint.supervised.steps=6",
+                 "joint.supervised.batch_size=8", "joint.encoder_max_length=64", "trainer.max_steps=3",
+                 "trainer.variants=[rag]", "eval.strategies=[rag]", *CHEAP_EVAL, f"index.root={tmp_path / 'idx'}",
+                 "retrieval.service_name=dpr-then-lsr", f"hydra.run.dir={run}"], env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    sup = json.loads((run / "train_retriever.json").read_text())
+    assert sup["steps"] == 6 and sup["joint"]["loss"] == "dpr" and sup["joint"]["side"] == "both"
+    assert sup["joint"]["refresh"]["served"] >= 1 and sup["joint"]["final_index"]["encoder_step"] == 6
+    joint = json.loads((run / "train_rag.json").read_text())["joint"]
+    # joint training measured its "before" on the supervised stage's encoders and final index
+    assert joint["recall_before"]["index_version"] == sup["joint"]["final_index"]["version"]
+    assert joint["recall_before"]["mrr"] == sup["joint"]["recall_after"]["mrr"]
+    for d in ("retriever", "passage_encoder", "checkpoints/rag"):
+        assert (run / d / "config.json").is_file(), d
+    assert json.loads((run / "joint_report.json").read_text())["loss"] == "lsr"  # the last stage's report
+
+
 # --------------------------------------------------------------------------- one rank (under torchrun)
 
 
