@@ -1,4 +1,4 @@
-"""Supervised retriever training (DPR) through the one training loop, 2 ranks over gloo under DeepSpeed,
+"""Supervised retriever training (DPR) through the one training loop, 2 ranks over gloo (DeepSpeed, FSDP2),
 hard negatives mined from the real retrieval service on the tiny sample:
 
 - from a weakened query encoder, the InfoNCE loss falls and recall@1 on the held-out eval airports rises;
@@ -47,8 +47,9 @@ def _launch(tmp_path: Path, snapshot: str, engine: str, address: str) -> dict:
 
 
 @pytest.mark.slow
-def test_supervised_stage_learns_and_resumes_exactly(service, tiny_snapshot, ray_cluster, tmp_path):
-    res = _launch(tmp_path, str(tiny_snapshot), "deepspeed", ray_cluster)
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_supervised_stage_learns_and_resumes_exactly(engine, service, tiny_snapshot, ray_cluster, tmp_path):
+    res = _launch(tmp_path, str(tiny_snapshot), engine, ray_cluster)
     full = res["full"]
     losses = [h["loss"] for h in full["history"]]
     assert len(losses) == STEPS
@@ -64,6 +65,8 @@ def test_supervised_stage_learns_and_resumes_exactly(service, tiny_snapshot, ray
     report = json.loads((run / "joint_report.json").read_text())
     assert report["loss"] == "dpr" and report["recall_after"] == after
 
+    if engine != "deepspeed":
+        return  # resume is the loop's and the engine's; checked once, under DeepSpeed
     # preempted at step CUT (a checkpoint, Preempted raised), then resumed: the same losses bit for bit
     assert res["preempted_at"] == CUT
     resumed = res["resumed"]
@@ -184,6 +187,12 @@ def _rank(engine_name: str, snapshot: str, out: Path) -> None:
         return train_supervised(train, evals, trainer=tcfg, run_dir=out / name, logger=logger, stop_requested=stop, **kw)
 
     result: dict = {"full": run("full", trainer)}
+    if engine_name != "deepspeed":
+        if rank == 0:
+            result["full"] = {k: result["full"][k] for k in ("history", "joint", "steps", "resumed_from")}
+            (out / "result.json").write_text(json.dumps(result, default=str))
+        rdist.shutdown()
+        return
     calls = [0]
 
     def stop_at_cut() -> bool:

@@ -41,6 +41,13 @@ def prepare(cfg: DictConfig) -> Any:
     for variant in cfg.trainer.variants:
         if variant not in VARIANTS:
             raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book | retriever)")
+    if "retriever" in cfg.trainer.variants or cfg.joint.supervised.steps:
+        from ragdist.joint.config import check_supervised_config
+
+        check_supervised_config(as_object(cfg.joint))
+        if cfg.joint.supervised.steps < 1:
+            raise RagdistError("trainer.variants=[retriever] trains the retriever alone: set joint.supervised.steps "
+                               "(or joint=dpr)")
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
     load_qa_splits(cfg)
