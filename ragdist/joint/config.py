@@ -1,7 +1,13 @@
-"""Joint retriever–generator training's config (`joint=` group): losses, the retriever's optimizer, refresh triggers.
+"""Retriever training's config (`joint=` group): the supervised stage, joint losses, the retriever's
+optimizer, refresh triggers.
 
-    ragdist-train +experiment=tiny joint=lsr
+    ragdist-train +experiment=tiny joint=dpr                            # supervised on gold ids only
+    ragdist-train +experiment=tiny joint=lsr joint.supervised.steps=200  # supervised first, then LSR
     ragdist-train +experiment=tiny joint=lsr joint.side=both joint.refresh_every=10
+
+The supervised stage is a field of `JointConfig`, not a `joint.loss`: it runs before (or, with
+loss=none, instead of) the generator-supervised losses and shares their side, encoder, refresh
+machinery, recall measurement and output layout.
 """
 
 from __future__ import annotations
@@ -13,6 +19,21 @@ from ragdist.utils.validate import at_least, non_negative, one_of, positive, req
 
 #: The retriever losses joint training knows (ragdist/joint/losses.py implements them).
 LOSSES = ("rag_nll", "lsr", "pdist", "emdr2")
+
+
+@dataclass
+class SupervisedConfig:
+    """DPR-style contrastive training of the retriever on the training QA's gold ids (`joint.supervised.*`)."""
+
+    steps: int = 0  # optimizer steps of the supervised stage; 0 = no supervised stage
+    batch_size: int = 16  # questions per micro-batch and rank: each question's gold is the others' negative
+    hard_negatives: int = 2  # per question: the best-ranked non-gold passages the index returns
+    mine_depth: int = 10  # passages retrieved per question to mine them from
+    temperature: float = 0.05  # InfoNCE: softmax(cos / τ) over the batch's gold and mined passages
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "linear"  # constant | linear | cosine (after warmup, over `steps`)
 
 
 @dataclass
@@ -56,6 +77,7 @@ class JointConfig:
     refresh_keep_versions: int = 2  # snapshot dirs of served versions kept under refresh_root
     refresh_final: bool = True  # one last refresh after the last step: the saved index matches the saved encoder
     refresh_root: str = ""  # "" = <run_dir>/joint/index
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
 
     def __post_init__(self) -> None:
         one_of("joint.loss", self.loss, ("none", *LOSSES))
@@ -85,3 +107,31 @@ def check_joint_top_k(cfg: JointConfig, top_k: int) -> None:
         raise ConfigError(f"joint.top_k={top_k}: the retriever's distribution needs at least 2 passages per question")
     if cfg.candidates and cfg.candidates < top_k:
         raise ConfigError(f"joint.candidates={cfg.candidates}: must be 0 or at least joint.top_k={top_k}")
+
+
+def check_supervised_config(cfg: JointConfig) -> None:
+    """The supervised stage's values, and the joint keys it shares (side, refresh triggers)."""
+    sup = cfg.supervised
+    if cfg.side not in ("query", "both"):
+        raise ConfigError(f"joint.side={cfg.side!r}: expected 'query' or 'both'")
+    for key in ("steps", "hard_negatives", "warmup_steps"):
+        if getattr(sup, key) < 0:
+            raise ConfigError(f"joint.supervised.{key}={getattr(sup, key)}: must not be negative")
+    if sup.batch_size < 1:
+        raise ConfigError(f"joint.supervised.batch_size={sup.batch_size}: must be at least 1")
+    if sup.batch_size < 2 and sup.hard_negatives == 0:
+        raise ConfigError("joint.supervised: one question per batch and no hard negatives leaves nothing to contrast")
+    if sup.mine_depth < sup.hard_negatives:
+        raise ConfigError(f"joint.supervised.mine_depth={sup.mine_depth}: must be at least "
+                          f"joint.supervised.hard_negatives={sup.hard_negatives}")
+    if sup.temperature <= 0:
+        raise ConfigError(f"joint.supervised.temperature={sup.temperature}: must be positive")
+    if sup.lr < 0 or sup.weight_decay < 0:
+        raise ConfigError("joint.supervised.lr and joint.supervised.weight_decay must not be negative")
+    if sup.schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"joint.supervised.schedule={sup.schedule!r}: expected constant, linear or cosine")
+    if not cfg.recall_ks or any(k < 1 for k in cfg.recall_ks):
+        raise ConfigError(f"joint.recall_ks={list(cfg.recall_ks)}: positive integers, at least one")
+    if cfg.side == "query" and (cfg.refresh_every or cfg.refresh_max_staleness or cfg.refresh_drift
+                                or cfg.refresh_wait_staleness):
+        raise ConfigError("joint.refresh_* triggers need joint.side=both: with side=query the index never goes stale")

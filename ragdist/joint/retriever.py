@@ -76,14 +76,18 @@ class MeanPoolEncoder(nn.Module):
     def train(self, mode: bool = True) -> MeanPoolEncoder:  # noqa: ARG002 - dropout off by design
         return super().train(False)
 
-    def forward(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        h = self.model(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """Tokenized text → vectors (what `forward` does after tokenizing; a batch built ahead calls it)."""
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
         v = (h * m).sum(1) / m.sum(1).clamp(min=1)
         return F.normalize(v.float(), dim=-1)
+
+    def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.embed(**self.tokenize(texts))
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -171,6 +175,15 @@ class JointRetriever(nn.Module):
                 if p.dim() < 2 or "embeddings" in name:
                     continue
                 p.add_(torch.randn(p.shape, generator=g) * float(p.std()) * noise)
+
+    def load_trained(self, run_dir: str | Path) -> None:
+        """Start from the encoders a run saved: `<run>/retriever` and, side=both, `<run>/passage_encoder`."""
+        run_dir = Path(run_dir)
+        dirs = [(self.query, run_dir / "retriever")] + ([(self.passage, run_dir / "passage_encoder")] if self.side == "both" else [])
+        for enc, d in dirs:
+            if not (d / "config.json").is_file():
+                raise ConfigError(f"{d}: no saved encoder to start from (joint.side={self.side})")
+            enc.load_weights(MeanPoolEncoder(str(d), enc.max_length).weights())
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -307,10 +307,13 @@ def train_joint(
     faults: dict[str, Any] | None = None,
     peft_cfg: Any = None,
     stop_requested: Any = None,
+    init_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train generator and retriever together; every rank calls this (the process group is up).
 
-    Raises `Preempted` (after checkpointing) when `stop_requested()` turned true on any rank.
+    `init_dir`: a run directory whose supervised stage left the encoders to start from (`snapshot` is
+    then that stage's final index). Raises `Preempted` (after checkpointing) when `stop_requested()`
+    turned true on any rank.
     """
     from ragdist.embed.embedder import resolve_model_path
     from ragdist.index.snapshot import read_manifest
@@ -341,7 +344,10 @@ def train_joint(
     # Same seed on every rank: the retriever replicas start identical and stay so (averaged gradients).
     torch.manual_seed(trainer.seed)
     retriever = JointRetriever(enc_path, joint.side, max_length=joint.encoder_max_length)
-    retriever.perturb_query(joint.query_noise, trainer.seed + 1)
+    if init_dir is not None:
+        retriever.load_trained(init_dir)  # query_noise, if any, already weakened the supervised stage's start
+    else:
+        retriever.perturb_query(joint.query_noise, trainer.seed + 1)
 
     def build() -> torch.nn.Module:
         lm = build_generator(model_cfg, tokenizer)

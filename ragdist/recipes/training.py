@@ -29,7 +29,7 @@ from ragdist.recipes.common import (
     tokenizer_data,
 )
 
-VARIANTS = ("rag", "closed_book")
+VARIANTS = ("rag", "closed_book", "retriever")  # retriever: the supervised stage alone (joint.supervised)
 
 
 def prepare(cfg: DictConfig) -> Any:
@@ -41,7 +41,14 @@ def prepare(cfg: DictConfig) -> Any:
 
     for variant in cfg.trainer.variants:
         if variant not in VARIANTS:
-            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book)")
+            raise RagdistError(f"trainer.variants: unknown variant {variant!r} (rag | closed_book | retriever)")
+    if "retriever" in cfg.trainer.variants or cfg.joint.supervised.steps:
+        from ragdist.joint.config import check_supervised_config
+
+        check_supervised_config(as_object(cfg.joint))
+        if cfg.joint.supervised.steps < 1:
+            raise RagdistError("trainer.variants=[retriever] trains the retriever alone: set joint.supervised.steps "
+                               "(or joint=dpr)")
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
     train, _ = load_qa_splits(cfg)
@@ -81,6 +88,7 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     import torch
 
     from ragdist.embed import build_embedder
+    from ragdist.joint.supervised import TrainedRetrieval, supervised_result, train_supervised
     from ragdist.joint.train import train_joint
     from ragdist.retrieval.client import RetrievalClient
     from ragdist.train.examples import PassageStore
@@ -96,15 +104,19 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     trainer = as_object(cfg.trainer)
     joint = as_object(cfg.joint)
     client = store = None
+    # The supervised retriever stage: alone (variant `retriever`) or before the rag variant's generator.
+    supervised = "retriever" in cfg.trainer.variants or ("rag" in cfg.trainer.variants and joint.supervised.steps > 0)
+    sup_done = False
     if "rag" in cfg.trainer.variants and joint.loss == "none":
-        emb_cfg = as_object(cfg.embedder)
-        emb_cfg.progress = False
-        client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
+        if not supervised:  # after a supervised stage the generator reads the trained retriever instead
+            emb_cfg = as_object(cfg.embedder)
+            emb_cfg.progress = False
+            client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
         fmt = trainer.examples
         if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
             store = PassageStore.from_snapshot(cfg.index.snapshot)
     logger = RunLogger(as_object(cfg.logger), cfg.run_dir, enabled=rank == 0, config=None)
-    if "rag" in cfg.trainer.variants:
+    if "rag" in cfg.trainer.variants or supervised:
         from ragdist.retrieval.cluster import init_ray
 
         # Before the preemption handler: attaching to Ray installs Ray's own SIGTERM handler, which
@@ -117,21 +129,41 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
             if preempt.requested:  # between variants: the finished ones are saved, nothing else to keep
                 raise Preempted(None, 0)
             rag = variant == "rag"
+            snapshot = str(cfg.index.snapshot)
+            if (rag or variant == "retriever") and supervised and not sup_done:
+                # the retriever on gold ids first: a source and hook of the same loop
+                out.append(train_supervised(
+                    train, evals, joint=joint, trainer=trainer, retrieval=as_object(cfg.retrieval),
+                    embedder_cfg=as_object(cfg.embedder), snapshot=snapshot, run_dir=cfg.run_dir, logger=logger,
+                    stop_requested=lambda: preempt.requested,
+                ))  # fmt: skip
+                sup_done = True
+            if variant == "retriever":
+                continue
+            if rag and supervised:
+                snapshot = supervised_result(cfg.run_dir)["snapshot"]
             if rag and joint.loss != "none":  # the retriever trains too: a source and hook of the same loop
                 out.append(train_joint(
                     "rag", train, evals, joint=joint, trainer=trainer, model_cfg=as_object(cfg.model),
                     retrieval=as_object(cfg.retrieval), embedder_cfg=as_object(cfg.embedder),
-                    snapshot=str(cfg.index.snapshot), tokenizer=tokenizer, run_dir=cfg.run_dir, logger=logger,
+                    snapshot=snapshot, tokenizer=tokenizer, run_dir=cfg.run_dir, logger=logger,
                     peft_cfg=as_object(cfg.peft), stop_requested=lambda: preempt.requested,
+                    init_dir=cfg.run_dir if supervised else None,
                 ))  # fmt: skip
                 continue
-            out.append(train_variant(
-                variant, train, trainer=trainer, model_cfg=as_object(cfg.model), tokenizer=tokenizer,
-                top_k=cfg.retrieval.top_k if rag else 0, retrieve=client.retrieve if (rag and client) else None,
-                run_dir=cfg.run_dir, logger=logger, peft_cfg=as_object(cfg.peft), store=store if rag else None,
-                index_version=(lambda: client.version) if (rag and client) else None,
-                stop_requested=lambda: preempt.requested,
-            ))  # fmt: skip
+            trained = TrainedRetrieval(cfg.run_dir, joint, as_object(cfg.retrieval), rank) if rag and supervised else None
+            source = trained or client
+            try:
+                out.append(train_variant(
+                    variant, train, trainer=trainer, model_cfg=as_object(cfg.model), tokenizer=tokenizer,
+                    top_k=cfg.retrieval.top_k if rag else 0, retrieve=source.retrieve if (rag and source) else None,
+                    run_dir=cfg.run_dir, logger=logger, peft_cfg=as_object(cfg.peft), store=store if rag else None,
+                    index_version=(trained.version if trained else (lambda: client.version)) if (rag and source) else None,
+                    stop_requested=lambda: preempt.requested,
+                ))  # fmt: skip
+            finally:
+                if trained is not None:
+                    trained.close()
     logger.finish()
     return out
 
