@@ -204,6 +204,7 @@ class ServiceController:
         self.canary = tuple(state["canary"]) if state["canary"] else None  # type: ignore[assignment]
         self._results = OrderedDict((k, v) for k, v in state.get("results", []))
         self._garbage = list(state.get("garbage", []))
+        temp = self.store.clean_temp() if self.store is not None else 0
         started = 0
         for vid, rec in state["versions"].items():
             replicas: list[list[Any]] = []
@@ -230,7 +231,7 @@ class ServiceController:
             self.versions[vid] = v
         self._save()
         self.recovered = {
-            "at": time.time(), "versions": len(self.versions), "replicas_started": started,
+            "at": time.time(), "versions": len(self.versions), "replicas_started": started, "temp_files": temp,
             "epochs": {vid: v.epoch for vid, v in self.versions.items()},
             "recover_s": time.perf_counter() - t0,
         }  # fmt: skip
@@ -247,7 +248,7 @@ class ServiceController:
             v.written[cid] = max(v.written.get(cid, -np.inf), float(record["ts"]))
         if record.get("update_id"):
             _bounded(v.update_ids, record["update_id"], record["result"])
-        v.log_rows += len(record["rows"]) + len(record["gone"]) + len(record["docs"])
+        v.log_rows += int(record["size"])
 
     def _after_recovery(self) -> None:
         """Tear down half-started or half-retired replica sets, re-push the generation, repair lagging replicas."""
@@ -702,7 +703,8 @@ class ServiceController:
             result = {"version": v.vid, "epoch": epoch, "upserted": len(rows), "deleted": len(dels),
                       "skipped": skipped}  # fmt: skip
             record = {"update_id": update_id or "", "ts": ts, "rows": rows, "gone": gone, "docs": docs,
-                      "written": [cid for cid, ok in zip(ids, fresh) if ok] + dels, "result": result}  # fmt: skip
+                      "written": [cid for cid, ok in zip(ids, fresh) if ok] + dels, "result": result,
+                      "size": len(rows) + len(dels) + len(docs)}  # fmt: skip
             if self.store is not None:
                 try:
                     self.store.append(v.nonce, epoch, record, gids, vecs)
@@ -726,7 +728,7 @@ class ServiceController:
             for cid in record["written"]:
                 v.written[cid] = max(v.written.get(cid, -np.inf), ts)
             v.next_gid += len(rows)
-            v.log_rows += len(rows) + len(gone) + len(docs)
+            v.log_rows += record["size"]
             if update_id:
                 _bounded(v.update_ids, update_id, result)
             with self._lock:

@@ -75,6 +75,15 @@ class ServiceStore:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def clean_temp(self) -> int:
+        """Remove temp files a crash left half-written (never renamed into place); returns how many."""
+        gone = 0
+        for f in self.root.rglob(".*"):
+            if f.is_file():
+                f.unlink(missing_ok=True)
+                gone += 1
+        return gone
+
     def remove(self) -> None:
         """The service stopped: nothing to recover."""
         shutil.rmtree(self.root, ignore_errors=True)
