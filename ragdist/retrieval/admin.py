@@ -13,6 +13,7 @@ returns, so any search that starts afterwards, from any client, sees it.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -58,6 +59,15 @@ def start_service(snapshot: str, cfg: RetrievalConfig) -> Any:
         state_dir = state_dir_of(snapshot, cfg)
     except Exception as e:
         raise RetrievalError(f"retrieval service failed to load {snapshot}: {cause(e)}") from None
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=state_dir):
+            pass
+    except OSError as e:
+        raise RetrievalError(
+            f"the retrieval controller keeps its state in {state_dir}, which is not writable ({e.strerror}): "
+            "set retrieval.state_dir to a writable directory every Ray node can reach"
+        ) from None
     name = controller_name(cfg.service_name)
     try:
         old = ray.get_actor(name, namespace=cfg.namespace)

@@ -85,8 +85,14 @@ class ServiceStore:
         return gone
 
     def remove(self) -> None:
-        """The service stopped: nothing to recover."""
+        """The service stopped: nothing to recover (the default <root>/_service/<namespace> goes too if empty)."""
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.parent.parent.name == "_service":
+            for d in (self.root.parent, self.root.parent.parent):
+                try:
+                    d.rmdir()
+                except OSError:  # not empty: other services keep their state there
+                    break
 
     # ------------------------------------------------------------------ update log
     def _log(self, nonce: str) -> Path:
