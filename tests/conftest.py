@@ -17,6 +17,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    # A multi-node cluster (tests/test_multinode.py) replaces the session's loopback cluster in this
+    # process: run those tests after all others (a stable sort keeps every other order).
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real Ray cluster on 127.0.0.1, shared by every test (and every subprocess via RAY_ADDRESS)."""

@@ -49,6 +49,13 @@ def prepare(cfg: DictConfig) -> Any:
         if cfg.joint.supervised.steps < 1:
             raise RagdistError("trainer.variants=[retriever] trains the retriever alone: set joint.supervised.steps "
                                "(or joint=dpr)")
+    rc = cfg.retrieval
+    if any(v != "closed_book" for v in cfg.trainer.variants) and (rc.address or os.environ.get("RAY_ADDRESS")):
+        from ragdist.retrieval.cluster import init_ray
+
+        # An unreachable cluster fails here, naming its address, before anything expensive starts.
+        init_ray(rc.address or None, num_cpus=rc.ray_num_cpus, namespace=rc.namespace,
+                 connect_timeout_s=rc.connect_timeout_s)  # fmt: skip
     resolve_data_paths(cfg)
     # Fail on bad QA files or a missing model before anything expensive starts.
     train, _ = load_qa_splits(cfg)
@@ -122,7 +129,8 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
         # Before the preemption handler: attaching to Ray installs Ray's own SIGTERM handler, which
         # would otherwise replace ours and abort the rank instead of checkpointing it.
         rc = cfg.retrieval
-        init_ray(rc.address or None, num_cpus=rc.ray_num_cpus, namespace=rc.namespace)
+        init_ray(rc.address or None, num_cpus=rc.ray_num_cpus, namespace=rc.namespace,
+                 connect_timeout_s=rc.connect_timeout_s)  # fmt: skip
     out = []
     with PreemptionHandler() as preempt:
         for variant in cfg.trainer.variants:

@@ -13,13 +13,17 @@ returns, so any search that starts afterwards, from any client, sees it.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ragdist.errors import RetrievalError, cause
+from ragdist.index.snapshot import resolve
 from ragdist.retrieval.cluster import init_ray
 from ragdist.retrieval.config import RetrievalConfig, controller_name, validate_config
 from ragdist.retrieval.view import ServiceView, connect
@@ -29,14 +33,41 @@ log = logging.getLogger(__name__)
 _OWNED: dict[str, Any] = {}
 
 
+def state_dir_of(snapshot: str | Path, cfg: RetrievalConfig) -> Path:
+    """Where the controller keeps its durable state: `retrieval.state_dir`, else beside the snapshots
+    (<snapshot root>/_service/<namespace>/<service>), which a multi-node cluster has on shared storage."""
+    if cfg.state_dir:
+        return Path(cfg.state_dir)
+    return resolve(snapshot).parent / "_service" / cfg.namespace / cfg.service_name
+
+
 def start_service(snapshot: str, cfg: RetrievalConfig) -> Any:
-    """Start (or replace) the named service serving `snapshot`; wait until every replica is loaded."""
+    """Start (or replace) the named service serving `snapshot`; wait until every replica is loaded.
+
+    The controller runs on this process's node while that node lives (soft affinity), and Ray
+    restarts it up to `controller_max_restarts` times; calls in flight are retried on the new one.
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ragdist.retrieval.server.controller import ServiceController
 
-    init_ray(cfg.address or None, num_cpus=cfg.ray_num_cpus, namespace=cfg.namespace)
     validate_config(cfg)
+    init_ray(cfg.address or None, num_cpus=cfg.ray_num_cpus, namespace=cfg.namespace,
+             connect_timeout_s=cfg.connect_timeout_s)  # fmt: skip
+    try:
+        state_dir = state_dir_of(snapshot, cfg)
+    except Exception as e:
+        raise RetrievalError(f"retrieval service failed to load {snapshot}: {cause(e)}") from None
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=state_dir):
+            pass
+    except OSError as e:
+        raise RetrievalError(
+            f"the retrieval controller keeps its state in {state_dir}, which is not writable ({e.strerror}): "
+            "set retrieval.state_dir to a writable directory every Ray node can reach"
+        ) from None
     name = controller_name(cfg.service_name)
     try:
         old = ray.get_actor(name, namespace=cfg.namespace)
@@ -45,11 +76,16 @@ def start_service(snapshot: str, cfg: RetrievalConfig) -> Any:
     except ValueError:
         pass  # no previous service of that name
     lifetime = "detached" if cfg.detached else None
+    restarts = int(cfg.controller_max_restarts)
     controller = (
         ray.remote(ServiceController)
-        .options(name=name, namespace=cfg.namespace, num_cpus=0, lifetime=lifetime, max_concurrency=16)
-        .remote(cfg)
-    )
+        .options(
+            name=name, namespace=cfg.namespace, num_cpus=0, lifetime=lifetime, max_concurrency=16,
+            max_restarts=restarts, max_task_retries=-1 if restarts else 0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+        )
+        .remote(cfg, str(state_dir), uuid.uuid4().hex)
+    )  # fmt: skip
     t0 = time.perf_counter()
     try:
         vid = ray.get(controller.load.remote(str(snapshot)))
@@ -106,23 +142,23 @@ class ServiceAdmin:
 
     def load_version(self, snapshot: str, *, primary: bool = False) -> str:
         """Load another snapshot version beside the current one; returns its version id."""
-        return self._call(self._ctl.load.remote(str(snapshot), primary))
+        return self._call(self._ctl.load.remote(str(snapshot), primary, _rid()))
 
     def set_canary(self, version: str, fraction: float) -> None:
-        self._call(self._ctl.set_canary.remote(version, float(fraction)))
+        self._call(self._ctl.set_canary.remote(version, float(fraction), _rid()))
 
     def promote(self, version: str | None = None) -> str:
-        return self._call(self._ctl.promote.remote(version))
+        return self._call(self._ctl.promote.remote(version, _rid()))
 
     def rollback(self) -> str:
-        return self._call(self._ctl.rollback.remote())
+        return self._call(self._ctl.rollback.remote(_rid()))
 
     def unload(self, version: str) -> None:
-        self._call(self._ctl.unload.remote(version))
+        self._call(self._ctl.unload.remote(version, _rid()))
 
     def compact(self, version: str | None = None, *, promote: bool = True) -> dict[str, Any]:
         """Write the streaming updates into a new snapshot version and (default) serve it instead."""
-        return self._call(self._ctl.compact.remote(version, promote))
+        return self._call(self._ctl.compact.remote(version, promote, _rid()))
 
     def versions(self) -> dict[str, Any]:
         self.view.refresh()
@@ -185,9 +221,17 @@ class ServiceAdmin:
                 raise RetrievalError("upsert: vectors contain NaN or inf")
         ids = [str(i) for i in delete_ids]
         docs = [str(d) for d in delete_doc_ids]
-        out = self._call(self._ctl.update.remote(v.vid, rows, vecs, ids, docs, ts), refresh=False)
-        self.view.note(v.vid, self.view.generation, int(out["epoch"]))  # read-your-writes from here on
+        # Unpinned: the controller's primary when the update runs (a compaction may have just replaced it).
+        ref = self._ctl.update.remote(version, rows, vecs, ids, docs, ts, _rid())
+        out = self._call(ref, refresh=False)
+        self.view.note(out["version"], self.view.generation, int(out["epoch"]))  # read-your-writes from here on
         return out
+
+
+def _rid() -> str:
+    """A request id: Ray retries a call the controller was serving when it died; the restarted
+    controller answers a retried id with the first result instead of acting twice."""
+    return uuid.uuid4().hex
 
 
 def _row(c: Any, i: int) -> dict[str, Any]:

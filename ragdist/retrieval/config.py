@@ -53,6 +53,12 @@ class RetrievalConfig:
     actor_num_cpus: float = 0.25  # Ray's share per shard actor (the training ranks are not counted by Ray)
     threads_per_shard: int = 1  # FAISS / torch threads in each shard actor
     max_restarts: int = -1  # Ray restarts a dead shard actor (it reloads its shard); -1 = always
+    spread_replicas: bool = True  # a shard's replicas on distinct Ray nodes whenever enough nodes can host them
+    node_resource: str = ""  # a custom resource marking the nodes that may host shards ("" = any node)
+    controller_max_restarts: int = -1  # Ray restarts a dead controller; it recovers from `state_dir`
+    state_dir: str = ""  # the controller's durable state; "" = <snapshot root>/_service/<namespace>/<service>
+    compact_log_rows: int = 0  # fold the update log into a new snapshot version past this many rows; 0 = never
+    connect_timeout_s: float = 30.0  # attaching to the Ray cluster and finding the service
     timeout_s: float = 60.0  # per call, for all shards together
     attempt_timeout_s: float = 10.0  # one shard call; then it is hedged on another replica
     on_shard_down: str = "raise"  # raise | partial (results flagged partial, missing shards named)
@@ -116,6 +122,10 @@ def validate_config(cfg: RetrievalConfig) -> None:
         (cfg.hybrid.dense_weight >= 0 and cfg.hybrid.lexical_weight >= 0, "retrieval.hybrid weights must be >= 0"),
         (cfg.rerank.top_n > 0, f"retrieval.rerank.top_n={cfg.rerank.top_n}: must be > 0"),
         (cfg.cache_size >= 0, f"retrieval.cache_size={cfg.cache_size}: must be >= 0"),
+        (cfg.connect_timeout_s > 0, f"retrieval.connect_timeout_s={cfg.connect_timeout_s}: must be > 0"),
+        (cfg.compact_log_rows >= 0, f"retrieval.compact_log_rows={cfg.compact_log_rows}: must be >= 0"),
+        (cfg.controller_max_restarts >= -1,
+         f"retrieval.controller_max_restarts={cfg.controller_max_restarts}: -1 (always) or >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

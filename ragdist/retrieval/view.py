@@ -23,15 +23,21 @@ from ragdist.retrieval.transport import Replica
 
 
 def connect(cfg: RetrievalConfig) -> Any:
-    """The service's controller handle (attaching to Ray, or starting a loopback cluster, first)."""
+    """The service's controller handle (attaching to Ray, or starting a loopback cluster, first).
+
+    Fails within `cfg.connect_timeout_s` with an error naming the cluster address."""
     import ray
 
-    init_ray(cfg.address or None, num_cpus=cfg.ray_num_cpus, namespace=cfg.namespace)
+    address = init_ray(
+        cfg.address or None, num_cpus=cfg.ray_num_cpus, namespace=cfg.namespace,
+        connect_timeout_s=cfg.connect_timeout_s,
+    )  # fmt: skip
     try:
         return ray.get_actor(controller_name(cfg.service_name), namespace=cfg.namespace)
     except ValueError:
         raise RetrievalError(
-            f"no retrieval service named {cfg.service_name!r} in Ray namespace {cfg.namespace!r}"
+            f"no retrieval service named {cfg.service_name!r} in Ray namespace {cfg.namespace!r} "
+            f"of the cluster at {address}"
         ) from None
 
 
@@ -72,8 +78,10 @@ class ServiceView:
         try:
             topo = ray.get(self.controller.topology.remote(), timeout=self.cfg.timeout_s)
         except ray.exceptions.RayError as e:
+            where = ray.get_runtime_context().gcs_address if ray.is_initialized() else "?"
             raise RetrievalError(
-                f"retrieval service {self.cfg.service_name!r}: controller unreachable ({cause(e)})"
+                f"retrieval service {self.cfg.service_name!r} (Ray cluster at {where}): controller "
+                f"unreachable within {self.cfg.timeout_s:g}s ({cause(e)})"
             ) from None
         self._apply(topo)
 

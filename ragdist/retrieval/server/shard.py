@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from ragdist.utils.cache import LRU
 log = logging.getLogger(__name__)
 
 PAD_SCORE = float(np.finfo(np.float32).min)
+WATCH_S = 5.0  # how often a replica checks that its controller still exists
 AUTO_MIN_ROWS = 4096  # below this both backends answer in well under a millisecond: keep FAISS
 CALIBRATION_ROWS = 32_768  # rows timed when choosing a backend (both scale linearly in rows)
 
@@ -223,6 +225,13 @@ def calibrate(vectors: np.ndarray, dtype: str, device: str, threads: int = 0, se
     return choice, {"rows": n, "qps": timings}
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 class ShardServer:
     """Plain class so it can be tested in-process; the service wraps it with `ray.remote`."""
 
@@ -281,6 +290,7 @@ class ShardServer:
         self.started = time.time()
         if controller is not None:
             self._catch_up(None)  # a restarted replica replays the updates it missed
+            threading.Thread(target=self._watch_controller, daemon=True, name="controller-watch").start()
         self.load_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ setup
@@ -376,6 +386,35 @@ class ShardServer:
         if target is not None and self.epoch < target:
             raise RetrievalError(f"shard {self.shard_id}: update epoch {target} is not in the log (have {self.epoch})")
 
+    def _watch_controller(self) -> None:
+        """Remove this replica (and its placement group) once the controller is gone for good.
+
+        Replicas are detached so that they outlive a controller restart; this is what still ties them
+        to the service when its controller dies with its owner (the driver) or is killed for good.
+        A controller Ray is restarting answers late, not with ActorDiedError."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        dead = 0
+        while True:
+            time.sleep(WATCH_S)
+            try:
+                ray.get(self.controller.ping.remote(), timeout=60)
+                dead = 0
+            except ray.exceptions.ActorDiedError:
+                dead += 1
+                if dead < 2:
+                    continue
+                log.warning("shard %d of %s: the controller is gone; removing this replica",
+                            self.shard_id, self.version_id)  # fmt: skip
+                pg = ray.util.get_current_placement_group()
+                if pg is not None:
+                    remove_placement_group(pg)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
+            except Exception:  # noqa: BLE001 - restarting or slow: ask again later
+                dead = 0
+
     # ------------------------------------------------------------------ search
     def _mask(self, epoch: int, flt: Any) -> np.ndarray | None:
         vis = self.rows.visible(epoch)
@@ -468,6 +507,7 @@ class ShardServer:
             "device": self.device,
             "threads": self.threads,
             "pid": os.getpid(),
+            "node_id": _node_id(),
             "load_s": self.load_s,
         }
 
