@@ -42,8 +42,8 @@ from ragdist.errors import ConfigError, DataError
 from ragdist.joint.config import JointConfig, check_supervised_config
 from ragdist.joint.refresh import ServedVersion
 from ragdist.joint.retriever import PASSAGE_FORMAT, MeanPoolEncoder
-from ragdist.joint.train import _broadcast_version, _fmt_recall, is_gold, retrieval_recall
-from ragdist.train.trainer import Hook, Position, Trainer
+from ragdist.joint.train import _broadcast_version, _fmt_recall, is_gold, retrieval_recall, retriever_summary
+from ragdist.train.trainer import Hook, Position, Trainer, finished_summary
 
 log = logging.getLogger(__name__)
 
@@ -277,23 +277,9 @@ class SupervisedHook(Hook):
         if trainer.rank == 0:
             self.after = retrieval_recall(self.view, self.mirror.query, self.evals, list(self.cfg.recall_ks))
             log.info("[supervised %s] recall after: %s", self.cfg.side, _fmt_recall(self.after))
-        history = summary["history"]
-        step_s = [h["step_s"] for h in history[1:]] or [0.0]
-        during = [h["step_s"] for h in history[1:] if h.get("refresh_inflight")]
-        summary["joint"] = {
-            "loss": "dpr",
-            "stage": "supervised",
-            "side": self.cfg.side,
-            "config": asdict(self.cfg),
-            "recall_before": self.before or {},
-            "recall_after": self.after,
-            "median_step_s": float(np.median(step_s)),
-            "max_step_during_refresh_s": float(max(during)) if during else None,
-            "max_staleness": max((h.get("staleness", 0) for h in history), default=0),
-            "final_index": asdict(self.view.served),
-            "refresh": self.manager.summary() if self.manager is not None else None,
-            "retriever_dir": str(trainer.run_dir / "retriever"),
-        }
+        summary["joint"] = retriever_summary(summary["history"], loss="dpr", stage="supervised", cfg=self.cfg,
+                                             before=self.before, after=self.after, view=self.view,
+                                             manager=self.manager, run_dir=trainer.run_dir)  # fmt: skip
 
     def close(self) -> None:
         if self.manager is not None:
@@ -311,14 +297,7 @@ def stage_config(trainer: Any, joint: JointConfig) -> Any:
 
 def finished(run_dir: Path, trainer: Any) -> dict[str, Any] | None:
     """On resume: a stage whose retriever and summary exist for its steps needs nothing more."""
-    f = run_dir / f"train_{VARIANT}.json"
-    if not trainer.resume or not f.is_file() or not (run_dir / "retriever" / "config.json").is_file():
-        return None
-    try:
-        summary = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    return summary if summary.get("steps", 0) >= trainer.max_steps else None
+    return finished_summary(run_dir, VARIANT, trainer, artifact=run_dir / "retriever" / "config.json")
 
 
 def train_supervised(

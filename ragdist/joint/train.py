@@ -247,22 +247,9 @@ class JointHook(Hook):
         if trainer.rank == 0:
             self.after = retrieval_recall(self.view, self.retriever.query, self.evals, list(self.cfg.recall_ks))
             log.info("[joint %s/%s] recall after: %s", self.cfg.loss, self.cfg.side, _fmt_recall(self.after))
-        history = summary["history"]
-        step_s = [h["step_s"] for h in history[1:]] or [0.0]
-        during = [h["step_s"] for h in history[1:] if h.get("refresh_inflight")]
-        summary["joint"] = {
-            "loss": self.cfg.loss,
-            "side": self.cfg.side,
-            "config": asdict(self.cfg),
-            "recall_before": self.before or {},
-            "recall_after": self.after,
-            "median_step_s": float(np.median(step_s)),
-            "max_step_during_refresh_s": float(max(during)) if during else None,
-            "max_staleness": max((h.get("staleness", 0) for h in history), default=0),
-            "final_index": asdict(self.view.served),
-            "refresh": self.manager.summary() if self.manager is not None else None,
-            "retriever_dir": str(trainer.run_dir / "retriever"),
-        }
+        summary["joint"] = retriever_summary(summary["history"], loss=self.cfg.loss, cfg=self.cfg, before=self.before,
+                                             after=self.after, view=self.view, manager=self.manager,
+                                             run_dir=trainer.run_dir)  # fmt: skip
 
     def close(self) -> None:
         if self.fh is not None:
@@ -270,6 +257,28 @@ class JointHook(Hook):
             self.fh = None
         if self.manager is not None:
             self.manager.close()
+
+
+def retriever_summary(history: list[dict[str, Any]], *, loss: str, cfg: JointConfig, before: dict[str, Any] | None,
+                      after: dict[str, Any], view: Any, manager: Any, run_dir: Path,
+                      **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The `joint` part of a retriever-training summary (joint losses and the supervised stage alike)."""
+    step_s = [h["step_s"] for h in history[1:]] or [0.0]
+    during = [h["step_s"] for h in history[1:] if h.get("refresh_inflight")]
+    return {
+        "loss": loss,
+        **extra,
+        "side": cfg.side,
+        "config": asdict(cfg),
+        "recall_before": before or {},
+        "recall_after": after,
+        "median_step_s": float(np.median(step_s)),
+        "max_step_during_refresh_s": float(max(during)) if during else None,
+        "max_staleness": max((h.get("staleness", 0) for h in history), default=0),
+        "final_index": asdict(view.served),
+        "refresh": manager.summary() if manager is not None else None,
+        "retriever_dir": str(run_dir / "retriever"),
+    }
 
 
 def _fmt_recall(r: dict[str, Any]) -> str:

@@ -272,14 +272,18 @@ class Trainer:
             )  # fmt: skip
 
 
-def finished_summary(run_dir: Path, variant: str, trainer: TrainerConfig) -> dict[str, Any] | None:
-    """On resume, a variant whose export and summary already exist for max_steps needs nothing more."""
+def finished_summary(
+    run_dir: Path, variant: str, trainer: TrainerConfig, artifact: Path | None = None
+) -> dict[str, Any] | None:
+    """On resume, a variant whose export (`artifact`, default its generator's config.json) and summary
+    already exist for max_steps needs nothing more."""
     import json
 
     if not trainer.resume:
         return None
     f = run_dir / f"train_{variant}.json"
-    if not f.is_file() or not (run_dir / "checkpoints" / variant / "config.json").is_file():
+    artifact = artifact or run_dir / "checkpoints" / variant / "config.json"
+    if not f.is_file() or not artifact.is_file():
         return None
     try:
         summary = json.loads(f.read_text())
