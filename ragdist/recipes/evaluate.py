@@ -383,66 +383,92 @@ def retrieval_only(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+class EvaluateRecipe:
+    """setup (checkpoints, data, index, service) → train (the rows that have no checkpoint, with
+    eval.compare=true) → evaluate → cleanup."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.base = True
+        self.ckpts: dict[str, str] = {}
+        self.missing: list[str] = []
+        self.embedder: Any = None
+        self.rcfg: Any = None
+
+    def setup(self) -> None:
+        from ragdist.embed import build_embedder
+        from ragdist.index.snapshot import read_manifest
+        from ragdist.recipes.common import (
+            build_or_reuse_index,
+            check_embedder_matches,
+            resolve_data_paths,
+            tokenizer_data,
+        )
+        from ragdist.retrieval.client import start_service
+        from ragdist.retrieval.select import resolve_mode
+        from ragdist.train.model import load_tokenizer
+
+        cfg = self.cfg
+        if cfg.eval.run_dir:
+            cfg, self.ckpts = _from_run(cfg)
+        elif cfg.eval.checkpoint:
+            self.ckpts = {"rag": cfg.eval.checkpoint, "closed_book": cfg.eval.checkpoint}
+            # Without the model it started from, a lone checkpoint has no base row.
+            self.base = bool(cfg.model.name_or_path)
+        elif not cfg.eval.compare:
+            raise ConfigError(
+                "set eval.compare=true (train and compare), eval.run_dir=<a ragdist-train run> or eval.checkpoint=<a model dir>"
+            )
+        self.cfg = cfg
+        self.missing = [v for v in _needed(list(cfg.eval.strategies)) if v not in self.ckpts] if cfg.eval.compare else []
+        for name, path in self.ckpts.items():
+            if not (Path(path) / "config.json").is_file():
+                raise ConfigError(f"checkpoint for {name!r} not found: {path} (eval.compare=true trains it)")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        resolve_data_paths(cfg)
+        # Bad QA files, overlapping train/eval questions, a missing model or an incomplete joint run
+        # fail before anything expensive.
+        train, _ = load_qa_splits(cfg)
+        if cfg.eval.joint_run and "joint" in cfg.eval.strategies:
+            from ragdist.eval.compare import resolve_joint
+
+            resolve_joint(as_object(cfg.eval), as_object(cfg.embedder))
+        if self.missing or self.base:
+            load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
+        self.embedder = build_embedder(as_object(cfg.embedder))
+        snapshot = build_or_reuse_index(cfg, self.embedder)
+        check_embedder_matches(read_manifest(snapshot), self.embedder)
+        cfg.index.snapshot = str(snapshot)
+        self.rcfg = as_object(cfg.retrieval)
+        start_service(str(snapshot), self.rcfg)
+        # Training ranks launched below attach to this cluster instead of starting their own.
+        cfg.retrieval.address = os.environ.get("RAY_ADDRESS", cfg.retrieval.address)
+        resolve_mode(cfg.retrieval, self.embedder, train, out=Path(cfg.run_dir) / "retrieval_mode.json")
+
+    def train(self) -> None:
+        if self.missing:
+            self.ckpts.update(train_missing(self.cfg, self.missing))
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate_checkpoints(self.cfg, self.ckpts, self.embedder, base=self.base)
+
+    def cleanup(self) -> None:
+        if self.rcfg is not None:
+            _stop_quietly(self.rcfg)
+
+
 @cli
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from ragdist.embed import build_embedder
-    from ragdist.index.snapshot import read_manifest
-    from ragdist.recipes.common import (
-        build_or_reuse_index,
-        check_embedder_matches,
-        resolve_data_paths,
-        tokenizer_data,
-    )
-    from ragdist.retrieval.client import start_service
-    from ragdist.retrieval.select import resolve_mode
-    from ragdist.train.model import load_tokenizer
-
     setup_logging()
     if cfg.eval.retrieval_only:
         return retrieval_only(cfg)
-    base = True
-    if cfg.eval.run_dir:
-        cfg, ckpts = _from_run(cfg)
-    elif cfg.eval.checkpoint:
-        ckpts = {"rag": cfg.eval.checkpoint, "closed_book": cfg.eval.checkpoint}
-        # Without the model it started from, a lone checkpoint has no base row.
-        base = bool(cfg.model.name_or_path)
-    elif cfg.eval.compare:
-        ckpts = {}
-    else:
-        raise ConfigError(
-            "set eval.compare=true (train and compare), eval.run_dir=<a ragdist-train run> or eval.checkpoint=<a model dir>"
-        )
-    missing = [v for v in _needed(list(cfg.eval.strategies)) if v not in ckpts] if cfg.eval.compare else []
-    for name, path in ckpts.items():
-        if not (Path(path) / "config.json").is_file():
-            raise ConfigError(f"checkpoint for {name!r} not found: {path} (eval.compare=true trains it)")
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    resolve_data_paths(cfg)
-    # Bad QA files, overlapping train/eval questions, a missing model or an incomplete joint run
-    # fail before anything expensive.
-    load_qa_splits(cfg)
-    if cfg.eval.joint_run and "joint" in cfg.eval.strategies:
-        from ragdist.eval.compare import resolve_joint
-
-        resolve_joint(as_object(cfg.eval), as_object(cfg.embedder))
-    if missing or base:
-        load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
-    embedder = build_embedder(as_object(cfg.embedder))
-    snapshot = build_or_reuse_index(cfg, embedder)
-    check_embedder_matches(read_manifest(snapshot), embedder)
-    cfg.index.snapshot = str(snapshot)
-    rcfg = as_object(cfg.retrieval)
-    start_service(str(snapshot), rcfg)
-    # Training ranks spawned below attach to this cluster instead of starting their own.
-    cfg.retrieval.address = os.environ.get("RAY_ADDRESS", cfg.retrieval.address)
-    resolve_mode(cfg.retrieval, embedder, load_qa_splits(cfg)[0], out=Path(cfg.run_dir) / "retrieval_mode.json")
+    recipe = EvaluateRecipe(cfg)
     try:
-        if missing:
-            ckpts.update(train_missing(cfg, missing))
-        return evaluate_checkpoints(cfg, ckpts, embedder, base=base)
+        recipe.setup()
+        recipe.train()
+        return recipe.evaluate()
     finally:
-        _stop_quietly(rcfg)
+        recipe.cleanup()
 
 
 register_configs()
