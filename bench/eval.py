@@ -68,9 +68,9 @@ def _eval_cfg(args):
 def rank_main(args) -> None:
     import torch
 
+    from ragdist import distributed as rdist
     from ragdist.eval.runner import evaluate_strategy
     from ragdist.train.model import load_generator
-    from ragdist.utils import dist as rdist
 
     threads = int(args.rank_main[1])
     torch.set_num_threads(threads)
@@ -107,9 +107,8 @@ def main() -> None:
         rank_main(args)
         return
 
-    from ragdist.utils.dist import launch_local
-
     from ragdist.config import as_object, compose
+    from ragdist.distributed import launch_local
     from ragdist.train.model import build_generator, load_tokenizer, save_pretrained_atomic
 
     modes = [m for m in args.modes.split(",") if m]

@@ -304,12 +304,12 @@ def child_train(size: str, device: str = "cuda") -> dict[str, Any]:
     """
     import torch
 
+    from ragdist import distributed as rdist
     from ragdist.train.engine import TrainerConfig
     from ragdist.train.engines import build_engine
     from ragdist.train.loop import build_module_fn
     from ragdist.train.model import IGNORE, ModelConfig, load_tokenizer
     from ragdist.train.peft import PeftConfig
-    from ragdist.utils import dist as rdist
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(rdist.free_port()))

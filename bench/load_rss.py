@@ -69,10 +69,10 @@ def rank_main(mode: str, model_dir: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from ragdist import distributed as rdist
     from ragdist.train.engine import TrainerConfig
     from ragdist.train.engines import build_engine
     from ragdist.train.model import AnswerLossLM, GeneratorBuilder, ModelConfig
-    from ragdist.utils import dist as rdist
 
     torch.set_num_threads(1)
     rank, _ = rdist.init_process_group()
@@ -161,7 +161,7 @@ def main() -> None:
         rank_main(*args.rank_main)
         return
 
-    from ragdist.utils.dist import launch_local
+    from ragdist.distributed import launch_local
 
     modes = [m for m in args.modes.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="ragdist-load-rss-") as tmp:

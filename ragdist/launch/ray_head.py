@@ -52,7 +52,7 @@ class RayNode:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    # Kept here rather than imported from ragdist.utils.dist, which pulls in torch: this module
+    # Kept here rather than imported from ragdist.distributed, which pulls in torch: this module
     # runs in batch scripts where every second of start-up shows.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
