@@ -5,6 +5,7 @@ writes the report, JSON, plots, predictions and an offline wandb run."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,12 @@ def test_compare_trains_missing_rows_then_reuses_them(ray_cluster, tmp_path):
     assert list((run / "wandb").glob("offline-run-*/*.wandb"))
 
     # Second call: the run's checkpoints are reused (nothing retrained) and the run itself is given
-    # as the joint run, served by a second service: its row must repeat the rag row exactly.
+    # as the joint run, served by a second service: its row must repeat the rag row exactly. Its
+    # query encoder is a copy of the stock one saved as the run's `retriever` (as a side=query joint
+    # run leaves it): another name than the snapshot's embedder, which the joint row must accept.
+    from ragdist.embed.embedder import resolve_model_path
+
+    shutil.copytree(resolve_model_path("minilm"), run / "retriever")
     mtime = (run / "train_rag.json").stat().st_mtime
     proc = run_cli(
         [

@@ -11,8 +11,9 @@ import torch.distributed as dist
 
 
 def init_process_group() -> tuple[int, int]:
-    """NCCL on GPU ranks (each on its LOCAL_RANK device), gloo on CPU; a no-op when a group exists
-    (Ray Train and the engines' own libraries may have made it)."""
+    """NCCL for CUDA tensors on GPU ranks (each on its LOCAL_RANK device) and gloo for CPU tensors
+    (object broadcasts, the loop's metrics) in the same group; gloo alone on CPU ranks. A no-op when
+    a group exists (Ray Train and the engines' own libraries may have made it)."""
     from ragdist.launch.slurm import adopt_slurm_ranks
 
     adopt_slurm_ranks()
@@ -20,7 +21,7 @@ def init_process_group() -> tuple[int, int]:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -156,12 +156,14 @@ class ServiceRetriever:
     """Text in, passages out, through the retrieval service exactly as training queries it (dense,
     hybrid or re-ranked by config), but with the client's cache off so that latency is real."""
 
-    def __init__(self, rcfg: Any, embedder: Any):
+    def __init__(self, rcfg: Any, embedder: Any, *, index_embedder: str | None = None):
         import dataclasses
 
         from ragdist.retrieval.retriever import ShardedRetriever
 
-        self.client = ShardedRetriever(dataclasses.replace(rcfg, cache_size=0), embedder=embedder)
+        self.client = ShardedRetriever(
+            dataclasses.replace(rcfg, cache_size=0), embedder=embedder, index_embedder=index_embedder
+        )
         self.partial_calls = 0
 
     def __call__(self, questions: list[str], k: int) -> list[list[Passage]]:

@@ -156,7 +156,13 @@ class ContrastiveSource:
                 return p
         raise DataError(f"joint.supervised: example {ex.id!r}: none of its gold ids {list(ex.gold_ids)} is in the index")
 
-    def build(self, pos: Position) -> ContrastiveBatch:
+    def fetch(self, pos: Position) -> list[list[dict[str, Any]]] | None:
+        """The mined passages (the service's top `mine_depth` per question): run ahead."""
+        if self.mine is None or not self.hard_negatives:
+            return None
+        return self.mine([self.examples[i].question for i in pos.ids], self.mine_depth)
+
+    def build(self, pos: Position, mined: list[list[dict[str, Any]]] | None = None) -> ContrastiveBatch:
         batch = [self.examples[i] for i in pos.ids]
         questions = [ex.question for ex in batch]
         # One column per distinct passage: golds first, then mined negatives.
@@ -171,8 +177,10 @@ class ContrastiveSource:
             return where[key]
 
         labels = [column(self._gold(ex)) for ex in batch]
-        if self.mine is not None and self.hard_negatives:
-            for ex, ps in zip(batch, self.mine(questions, self.mine_depth)):
+        if mined is None and self.mine is not None and self.hard_negatives:
+            mined = self.fetch(pos)
+        if mined is not None:
+            for ex, ps in zip(batch, mined):
                 gold = set(map(str, ex.gold_ids))
                 for p in [p for p in ps if not is_gold(p, gold)][: self.hard_negatives]:
                     column(p)

@@ -88,19 +88,22 @@ class JointBatch:
 class JointSource:
     """B questions × top_k retrieved passages as B·top_k sequences, plus the retriever's (B, top_k) scores."""
 
-    prefetch = False  # the scores carry gradient from the current encoders: built at step time
+    prefetch = False  # the candidates are searched with, and scored by, the current query encoder: at step time
 
-    def __init__(self, examples: list[Any], retriever: Any, view: Any, tokenizer: Any, *, top_k: int, fetch: int,
+    def __init__(self, examples: list[Any], retriever: Any, view: Any, tokenizer: Any, *, top_k: int, candidates: int,
                  max_len: int, fmt: Any):
         self.examples = examples
         self.num_examples = len(examples)
         self.retriever, self.view, self.tokenizer = retriever, view, tokenizer
-        self.top_k, self.fetch, self.max_len, self.fmt = top_k, fetch, max_len, fmt
+        self.top_k, self.candidates, self.max_len, self.fmt = top_k, candidates, max_len, fmt
 
     def stream(self, positions: Any) -> Any:
         return positions
 
-    def build(self, pos: Position) -> JointBatch:
+    def fetch(self, pos: Position) -> None:
+        return None
+
+    def build(self, pos: Position, fetched: None = None) -> JointBatch:
         from ragdist.train.examples import collate_train, encode_train
 
         batch = [self.examples[i] for i in pos.ids]
@@ -109,8 +112,8 @@ class JointSource:
         # One query forward, with gradient: its detached values search, the same tensor is scored.
         q = self.retriever.query(questions)
         # the detached vectors search through the same retriever as everything else (hybrid, rerank)
-        candidates = self.view.retrieve(questions, self.fetch, vectors=q.detach().numpy())
-        if self.fetch > self.top_k:
+        candidates = self.view.retrieve(questions, self.candidates, vectors=q.detach().numpy())
+        if self.candidates > self.top_k:
             chosen = _rerank(self.retriever, q.detach(), candidates, self.top_k)
         else:
             chosen = [ps[: self.top_k] for ps in candidates]
@@ -398,7 +401,7 @@ def train_joint(
             if probe:
                 manager.probe_ref = retriever.passage.encode(probe)
         fmt = getattr(trainer, "examples", None)
-        source = JointSource(train, retriever, view, tokenizer, top_k=top_k, fetch=fetch, max_len=trainer.max_seq_len,
+        source = JointSource(train, retriever, view, tokenizer, top_k=top_k, candidates=fetch, max_len=trainer.max_seq_len,
                              fmt=fmt)  # fmt: skip
         record = run_dir / "joint" / f"examples.rank{rank}.jsonl" if joint.record_examples else None
         hook = JointHook(joint, retriever, ropt, view, manager, evals, record)

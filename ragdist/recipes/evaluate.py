@@ -283,14 +283,15 @@ def _joint_retriever(cfg: DictConfig, joint: Any, owned: list[Any]) -> Any:
     encoder = build_embedder(joint.encoder)
     manifest = read_manifest(joint.snapshot)
     check_embedder_matches(manifest, encoder)
-    if manifest.get("embedder") and manifest["embedder"] != encoder.name:
-        log.warning(
-            "joint snapshot was embedded by %s but queries use %s", manifest["embedder"], encoder.name
-        )
+    paired = manifest.get("embedder") or None
+    if paired and paired != encoder.name:
+        # The joint run trained this query encoder against these passages (side=query leaves the
+        # passage side, and so the snapshot's vectors, as they were): the run vouches for the pair.
+        log.info("joint row: queries encoded by %s against passages embedded by %s", encoder.name, paired)
     rcfg = dataclasses.replace(as_object(cfg.retrieval), service_name=f"{cfg.retrieval.service_name}-joint")
     start_service(joint.snapshot, rcfg)
     owned.append(rcfg)
-    return ServiceRetriever(rcfg, encoder)
+    return ServiceRetriever(rcfg, encoder, index_embedder=paired)
 
 
 def _stop_quietly(rcfg: Any) -> None:

@@ -44,9 +44,20 @@ class _Rerouted(Exception):
 class ShardedRetriever:
     """The `Retriever` of the Ray service: fans each batch out to every shard, merges the exact top-k."""
 
-    def __init__(self, cfg: RetrievalConfig, embedder: Any | None = None, *, view: ServiceView | None = None):
+    def __init__(
+        self,
+        cfg: RetrievalConfig,
+        embedder: Any | None = None,
+        *,
+        view: ServiceView | None = None,
+        index_embedder: str | None = None,
+    ):
+        """`index_embedder`: the passage encoder this query encoder pairs with, when they differ (a
+        query tower trained against a frozen passage index); by default the query encoder's own name,
+        and a version embedded by anything else is refused."""
         self.cfg = cfg
         self.embedder = embedder
+        self.index_embedder = index_embedder
         self.view = view or ServiceView(connect(cfg), cfg)
         self.transport = Transport(cfg)
         self.m = self.transport.m
@@ -307,10 +318,12 @@ class ShardedRetriever:
             raise RetrievalError("retrieval.mode=auto is resolved once before use "
                                  "(ragdist.retrieval.select.resolve_mode); this retriever was given it unresolved")
         if vecs is None and mode != "bm25":
-            if v.embedder and v.embedder != self.embedder.name:
+            pairs_with = self.index_embedder or self.embedder.name
+            if v.embedder and v.embedder != pairs_with:
                 raise RetrievalError(
                     f"index version {vid} was embedded with {v.embedder}; this client encodes "
                     f"queries with {self.embedder.name}"
+                    + (f" for passages embedded with {pairs_with}" if self.index_embedder else "")
                 )
             vecs = self.embedder.encode(questions)
         h, r = self.cfg.hybrid, self.cfg.rerank

@@ -204,6 +204,16 @@ class Summarizer:
 
 
 @dataclass
+class Fetched:
+    """`ExampleBuilder.fetch`'s result: the retrieved passages per example (and their summaries)."""
+
+    retrieved: list[list[dict[str, Any]]]
+    summaries: list[str] | None
+    retrieval_s: float
+    fetch_s: float
+
+
+@dataclass
 class Batch:
     """One rank's micro-batch, ready for the engine, with what was needed to build it."""
 
@@ -251,6 +261,16 @@ class ExampleBuilder:
         return self.top_k
 
     def build(self, examples: Sequence[Any], ids: Sequence[int], epoch: int, *, train: bool = True) -> Batch:
+        return self.assemble(examples, ids, epoch, self.fetch(examples, ids, epoch, train=train), train=train)
+
+    def fetch(self, examples: Sequence[Any], ids: Sequence[int], epoch: int, *, train: bool = True) -> Fetched:
+        """What a batch needs from outside this process, and the model work it may hold (summaries).
+
+        Meant for a background thread: it waits on the service (or runs the summarizer's torch
+        kernels), both of which leave the GIL to the training thread. The cheap Python work —
+        selection, prompts, collation — is `assemble`'s, on the training thread, where it does not
+        contend for the GIL with the step's own Python.
+        """
         t0 = time.perf_counter()
         batch = [examples[int(i)] for i in ids]
         if self.top_k > 0:
@@ -258,6 +278,14 @@ class ExampleBuilder:
         else:
             retrieved = [[] for _ in batch]
         t1 = time.perf_counter()
+        summaries = None
+        if self.top_k > 0 and self.fmt.aggregation == "summarize":
+            summaries = self.summarizer(self.select(batch, ids, retrieved, epoch, train))  # type: ignore[misc]
+        return Fetched(retrieved=retrieved, summaries=summaries, retrieval_s=t1 - t0, fetch_s=time.perf_counter() - t0)
+
+    def select(
+        self, batch: Sequence[Any], ids: Sequence[int], retrieved: list[list[dict[str, Any]]], epoch: int, train: bool
+    ) -> list[list[dict[str, Any]]]:
         chosen = []
         for ex, i, ps in zip(batch, ids, retrieved):
             # Keyed by the example, not by a shared stream: the same choice whichever thread, rank
@@ -268,18 +296,29 @@ class ExampleBuilder:
                     ps, top_k=self.top_k, gold_ids=ex.gold_ids, fmt=self.fmt, rng=rng, store=self.store, train=train
                 )
             )
-        rows = self.encode(batch, chosen)
+        return chosen
+
+    def assemble(
+        self, examples: Sequence[Any], ids: Sequence[int], epoch: int, fetched: Fetched, *, train: bool = True
+    ) -> Batch:
+        """The batch from what `fetch` brought: select, aggregate, encode, collate."""
+        t0 = time.perf_counter()
+        batch = [examples[int(i)] for i in ids]
+        chosen = self.select(batch, ids, fetched.retrieved, epoch, train)
+        rows = self.encode(batch, chosen, fetched.summaries)
         tensors = collate_train(rows, self.tokenizer.pad_token_id)
         return Batch(
             tensors=tensors,
             example_ids=[int(i) for i in ids],
             passage_ids=[[str(p.get("id", "")) for p in ps] for ps in chosen],
-            build_s=time.perf_counter() - t0,
-            retrieval_s=t1 - t0,
+            build_s=fetched.fetch_s + time.perf_counter() - t0,
+            retrieval_s=fetched.retrieval_s,
             tokens=int(tensors["attention_mask"].sum()),
         )
 
-    def encode(self, batch: Sequence[Any], chosen: list[list[dict[str, Any]]]) -> list[dict[str, list[int]]]:
+    def encode(
+        self, batch: Sequence[Any], chosen: list[list[dict[str, Any]]], summaries: list[str] | None = None
+    ) -> list[dict[str, list[int]]]:
         tok, fmt, n, ids = self.tokenizer, self.fmt, self.max_len, self.ids
         agg = fmt.aggregation if self.top_k > 0 else "concat"
         if agg == "concat":
@@ -290,7 +329,8 @@ class ExampleBuilder:
                 for p in ps or [None]:
                     rows.append(encode_train(tok, ex.question, [p] if p else [], ex.answers[0], n, fmt, ids))
             return rows
-        summaries = self.summarizer(chosen)  # type: ignore[misc]
+        if summaries is None:
+            summaries = self.summarizer(chosen)  # type: ignore[misc]
         return [
             encode_train(tok, ex.question, [{"title": "summary", "text": s}] if s else [], ex.answers[0], n, fmt, ids)
             for ex, s in zip(batch, summaries)

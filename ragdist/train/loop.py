@@ -69,8 +69,8 @@ def make_summarizer(trainer: TrainerConfig, model_cfg: ModelConfig, tokenizer: A
 class ExampleSource:
     """Batches of (retrieved passages, question, answer) examples: the plain RAG and closed-book source.
 
-    Built ahead in the prefetch thread: a batch depends only on its position (and the index version),
-    never on the model being trained. With `lookahead` > 1 the questions of several upcoming batches
+    Retrieved ahead in the prefetch thread: a batch depends only on its position (and the index
+    version), never on the model being trained; the prompts are encoded on the training thread. With `lookahead` > 1 the questions of several upcoming batches
     are retrieved in one call (same passages, see `Lookahead`).
     """
 
@@ -90,8 +90,11 @@ class ExampleSource:
         b.retrieve = la
         return la.positions()
 
-    def build(self, pos: Position) -> Any:
-        return self.builder.build(self.examples, pos.ids, pos.epoch)
+    def fetch(self, pos: Position) -> Any:
+        return self.builder.fetch(self.examples, pos.ids, pos.epoch)
+
+    def build(self, pos: Position, fetched: Any) -> Any:
+        return self.builder.assemble(self.examples, pos.ids, pos.epoch, fetched)
 
 
 def train_variant(

@@ -8,7 +8,6 @@ run unboundedly ahead (or pile up memory).
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
@@ -29,33 +28,40 @@ class _Failure:
 class Prefetcher(Generic[P, T]):
     """Iterate `(produce(p), wait_s)` over `positions`; `wait_s` is how long the consumer was blocked.
 
-    depth=0 builds inline (the consumer waits for all of it).
+    depth=0 produces inline (the consumer waits for all of it). Otherwise a background thread keeps
+    up to `depth` results ready, refilling in bursts: it sleeps until the consumer has drained the
+    queue to half, then fills it again. Each wake-up of a second Python thread takes the GIL from the
+    training thread, so one wake-up per `depth/2` batches instead of one per batch.
     """
 
     def __init__(self, produce: Callable[[P], T], positions: Iterable[P], depth: int):
         self.produce = produce
         self.positions = iter(positions)
         self.depth = depth
-        self._stop = threading.Event()
+        self.low = depth // 2  # refill when this few are left
+        self._items: deque[object] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
         self._thread: threading.Thread | None = None
         if depth > 0:
-            self._queue: queue.Queue = queue.Queue(maxsize=depth)
             self._thread = threading.Thread(target=self._run, name="ragdist-prefetch", daemon=True)
             self._thread.start()
 
     def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        with self._cond:
+            if len(self._items) >= self.depth:
+                self._cond.wait_for(lambda: self._stop or len(self._items) <= self.low)
+            if self._stop:
+                return False
+            self._items.append(item)
+            if len(self._items) == 1 or len(self._items) >= self.depth or item is _DONE or isinstance(item, _Failure):
+                self._cond.notify_all()  # a consumer may be waiting on an empty queue
+            return True
 
     def _run(self) -> None:
         try:
             for p in self.positions:
-                if self._stop.is_set() or not self._put(self.produce(p)):
+                if self._stop or not self._put(self.produce(p)):
                     return
             self._put(_DONE)
         except BaseException as e:  # handed to the consumer, which re-raises it in the main thread
@@ -70,28 +76,27 @@ class Prefetcher(Generic[P, T]):
             return
         while True:
             t0 = time.perf_counter()
-            while True:
-                try:
-                    item = self._queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
-                        raise RuntimeError("the prefetch thread stopped without a result") from None
+            with self._cond:
+                while not self._items:
+                    self._cond.wait(timeout=1.0)
+                    if not self._items and not self._thread.is_alive():
+                        raise RuntimeError("the prefetch thread stopped without a result")
+                item = self._items.popleft()
+                if len(self._items) == self.low:
+                    self._cond.notify_all()  # the producer refills from here
             wait = time.perf_counter() - t0
             if item is _DONE:
                 return
             if isinstance(item, _Failure):
                 raise item.exc
-            yield item, wait
+            yield item, wait  # type: ignore[misc]
 
     def close(self) -> None:
-        self._stop.set()
+        with self._cond:
+            self._stop = True
+            self._items.clear()
+            self._cond.notify_all()  # unblock a producer waiting for room
         if self._thread is not None:
-            while True:  # unblock a producer waiting on a full queue
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
             self._thread.join(timeout=30)
             self._thread = None
 
