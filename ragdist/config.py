@@ -17,6 +17,7 @@ from ragdist.data.qa import DataConfig
 from ragdist.embed.embedder import EmbedderConfig
 from ragdist.eval.runner import EvalConfig
 from ragdist.index.builder import IndexConfig
+from ragdist.index.capacity import PlanConfig
 from ragdist.joint.loop import JointConfig
 from ragdist.retrieval.client import RetrievalConfig
 from ragdist.train.engine import TrainerConfig
@@ -36,6 +37,7 @@ GROUPS: dict[str, type] = {
     "eval": EvalConfig,
     "logger": LoggerConfig,
     "joint": JointConfig,
+    "plan": PlanConfig,
 }
 
 
@@ -52,6 +54,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     joint: JointConfig = field(default_factory=JointConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     run_dir: str = "runs/default"
     seed: int = 0
 
