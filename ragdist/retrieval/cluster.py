@@ -41,6 +41,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
         # handshake only gets in the way of the processes we spawn.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
+            # "local": a new cluster even when another one (`ray start`, another user's) runs on this
+            # machine; without it Ray attaches to the newest one it finds under /tmp/ray.
+            address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
