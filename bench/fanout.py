@@ -9,7 +9,8 @@ batch-1 queries, interleaved call by call:
     the floor set by Ray's calls and the actors themselves, without the client's bookkeeping;
 (c) one in-process FAISS index over all the vectors: what a user without shards would run.
 
-Reported per S: p50/p99 latency (ms) of each, the client's CPU time per call, and least-squares
+Reported per S: p50/p99 latency (ms) of each, the CPU time per call of the client process for (a)
+and (b) (Ray's own threads in it included), and least-squares
 fits latency = a + b*S (+ c*S^2 for the client). On one machine all S actors share its cores, so
 the per-shard slope here is an upper bound of the cost the client pays per shard on a cluster,
 where the actors run in parallel on their own nodes. Every service is stopped before the next S.
@@ -30,7 +31,7 @@ import time
 
 import numpy as np
 
-PER_ACTOR_MB = 90  # proportional set size of one idle shard actor process measured here (~75 MB) + margin
+PER_ACTOR_MB = 80  # proportional set size of one idle shard actor process measured here: ~75 MB
 
 
 def _normed(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -93,15 +94,16 @@ def measure(S: int, x: np.ndarray, queries: np.ndarray, k: int, calls: int, root
         flat.add(x)
         times: dict[str, list[float]] = {"client": [], "direct": [], "inprocess": []}
         cpu: list[float] = []
+        cpu_direct: list[float] = []
         mismatches = 0
         for i in range(calls + 10):  # 10 warm-up calls
             q = queries[i % len(queries)][None]
             t, c = time.perf_counter(), time.process_time()
             got = client.search(q, k, passages=False).ids
             dt, dc = time.perf_counter() - t, time.process_time() - c
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             direct = _direct(handles, q, k)
-            dd = time.perf_counter() - t
+            dd, dcd = time.perf_counter() - t, time.process_time() - c
             t = time.perf_counter()
             _, ref = flat.search(q, k)
             di = time.perf_counter() - t
@@ -110,6 +112,7 @@ def measure(S: int, x: np.ndarray, queries: np.ndarray, k: int, calls: int, root
                 times["direct"].append(dd)
                 times["inprocess"].append(di)
                 cpu.append(dc)
+                cpu_direct.append(dcd)
                 mismatches += int(not (np.array_equal(got, ref) and np.array_equal(direct, ref)))
         return {
             "shards": S,
@@ -118,6 +121,7 @@ def measure(S: int, x: np.ndarray, queries: np.ndarray, k: int, calls: int, root
             "direct_ms": _lat(times["direct"]),
             "inprocess_ms": _lat(times["inprocess"]),
             "client_cpu_ms_per_call": round(1000 * float(np.median(cpu)), 3),
+            "direct_cpu_ms_per_call": round(1000 * float(np.median(cpu_direct)), 3),
             "id_mismatches": mismatches,
         }
     finally:
@@ -151,7 +155,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as root:
             for S in counts:
-                need = S * PER_ACTOR_MB * 2**20 + (2 << 30)
+                need = S * PER_ACTOR_MB * 2**20 + (1 << 30)
                 if psutil.virtual_memory().available < need:
                     skipped.append({"shards": S, "reason": f"needs ~{need >> 20} MiB free, "
                                     f"{psutil.virtual_memory().available >> 20} MiB available"})
@@ -171,6 +175,7 @@ def main() -> None:
         "direct_p99_ms": {"linear": _fit(xs, [p["direct_ms"]["p99"] for p in points], 1)},
         "client_cpu_ms": {"linear": _fit(xs, [p["client_cpu_ms_per_call"] for p in points], 1),
                           "quadratic": _fit(xs, [p["client_cpu_ms_per_call"] for p in points], 2)},
+        "direct_cpu_ms": {"linear": _fit(xs, [p["direct_cpu_ms_per_call"] for p in points], 1)},
     }
     print(json.dumps({"rows_per_shard": args.rows_per_shard, "d": args.d, "k": args.k, "calls": args.calls,
                       "cores": len(os.sched_getaffinity(0)), "points": points, "skipped": skipped, "fits": fits}))
