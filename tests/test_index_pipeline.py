@@ -16,7 +16,7 @@ import pytest
 
 from ragdist.data.corpus import CorpusConfig, chunk_documents, load_documents, read_part, split_corpus
 from ragdist.embed import EmbedderConfig
-from ragdist.errors import DataError
+from ragdist.errors import ConfigError, DataError
 from ragdist.index import snapshot as snap
 from ragdist.index.builder import BuildConfig, IndexConfig, build_snapshot
 from ragdist.index.pipeline import STAGING_PREFIX, build_index, staged_parts
@@ -171,6 +171,13 @@ def test_bad_corpus_named_and_nothing_left(ray_cluster, tmp_path):
         build_index(CorpusConfig(path=str(dup)), cfg, QUIET)
     assert snap.list_versions(tmp_path / "idx") == []
     assert not list((tmp_path / "idx").glob(f"{STAGING_PREFIX}*"))
+
+    # a factory FAISS cannot build is refused once the workers know the dim, before any part is embedded
+    other = IndexConfig(**{**cfg.__dict__, "root": str(tmp_path / "idx2"), "factory": "IVF4,PQ7"})
+    with pytest.raises(ConfigError, match=r"index.factory='IVF4,PQ7'"):
+        build_index(CorpusConfig(path=str(corpus)), other, QUIET)
+    (staging,) = (tmp_path / "idx2").glob(f"{STAGING_PREFIX}*")
+    assert not list(staging.glob("part_*.json"))
 
 
 @pytest.fixture(scope="module")

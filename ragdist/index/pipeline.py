@@ -84,6 +84,7 @@ class BuildResult:
     ready_s: float  # embedding actors placed and their model loaded
     embed_s: float  # wall time of the embedding stage (workers ready → last part staged)
     embed_chunks_per_s: float  # chunks embedded by this run / embed_s
+    worker_cpu_s: float  # CPU seconds the workers spent on this run's parts (all their threads)
     train_s: float
     add_s: float  # shards added, written and checksummed, snapshot committed
     total_s: float
@@ -140,7 +141,7 @@ class EmbedWorker:
         return {"name": self.embedder.name, "dim": int(self.embedder.dim), "pid": os.getpid(), "threads": self.threads}
 
     def embed_part(self, part: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         c = self.corpus
         docs = read_part(c.path, c.format, part)
         t1 = time.perf_counter()
@@ -157,7 +158,7 @@ class EmbedWorker:
         return {
             "part": int(part["id"]), "chunks": len(chunks), "documents": len(docs), "bytes": int(part["bytes"]),
             "read_s": t1 - t0, "chunk_s": t2 - t1, "embed_s": t3 - t2, "write_s": time.perf_counter() - t3,
-            "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(),
+            "cpu_s": time.process_time() - c0, "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(),
         }
 
 
@@ -427,6 +428,7 @@ def embed_parts(
     todo: list[dict[str, Any]],
     expected_name: str,
     on_part: Callable[[dict[str, Any], list[Any]], None] | None = None,
+    check_dim: Callable[[int], Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the parts `todo` on a pool of embedding actors: (per-part stats, {embed_s, ready_s, workers}).
 
@@ -466,6 +468,8 @@ def embed_parts(
         for r in ready:
             if r["name"] != expected_name:
                 raise IndexError_(f"embedding worker {r['pid']} loaded {r['name']}, expected {expected_name}")
+        if check_dim is not None:
+            check_dim(int(ready[0]["dim"]))  # e.g. a factory FAISS cannot build at this dim: before any work
         log.info("index build: %d worker(s) (%s, %d thread(s) each), %d of %d part(s) to embed", workers,
                  "GPU" if use_gpu else "CPU", threads if not use_gpu else 0, len(todo), len(parts))
         done_bytes = sum(p["bytes"] for p in parts) - sum(p["bytes"] for p in todo)
@@ -549,6 +553,10 @@ def build_index(
     _check_build(build)
     if index.store_vectors not in ("auto", "always", "never"):
         raise ConfigError(f"index.store_vectors={index.store_vectors!r}: expected auto, always or never")
+    if index.num_shards < 1:
+        raise ConfigError(f"index.num_shards={index.num_shards}: must be >= 1")
+    if index.sharding not in ("contiguous", "hash"):
+        raise ConfigError(f"index.sharding={index.sharding!r}: expected 'contiguous' or 'hash'")
     if not ray.is_initialized():
         init_ray()
     name = embedder_name(embedder)
@@ -567,8 +575,9 @@ def build_index(
     run = {"embed_s": 0.0, "ready_s": 0.0, "workers": 0}
     try:
         if todo:
-            stats, run = embed_parts(corpus, embedder, build, staging, parts, todo, name, on_part)
-    except (DataError, ConfigError):
+            stats, run = embed_parts(corpus, embedder, build, staging, parts, todo, name, on_part,
+                                     check_dim=lambda d: make_index(index.factory, d, index.metric))
+    except DataError:
         shutil.rmtree(staging, ignore_errors=True)  # bad input: these parts will never be reused
         raise
     markers = staged_parts(staging, parts)
@@ -589,12 +598,8 @@ def build_index(
     except DataError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if index.num_shards < 1:
-        raise ConfigError(f"index.num_shards={index.num_shards}: must be >= 1")
     if index.num_shards > n:
         raise ConfigError(f"index.num_shards={index.num_shards}: more shards than the {n} chunks in the corpus")
-    if index.sharding not in ("contiguous", "hash"):
-        raise ConfigError(f"index.sharding={index.sharding!r}: expected 'contiguous' or 'hash'")
 
     # -- quantizer, trained once on a sample of the staged vectors
     t_train = time.perf_counter()
@@ -675,6 +680,7 @@ def build_index(
         snapshot=path, parts=len(parts), parts_embedded=len(stats), parts_reused=reused, documents=documents,
         chunks=n, workers=int(run["workers"]), ready_s=float(run["ready_s"]), embed_s=float(run["embed_s"]),
         embed_chunks_per_s=embedded / run["embed_s"] if run["embed_s"] else 0.0,
+        worker_cpu_s=float(sum(s["cpu_s"] for s in stats)),
         train_s=train_s, add_s=time.perf_counter() - t_add, total_s=time.perf_counter() - t_start,
         driver_peak_rss_mb=peak_rss_mb(),
         worker_peak_rss_mb=max((s["peak_rss_mb"] for s in stats), default=0.0),
