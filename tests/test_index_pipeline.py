@@ -91,12 +91,16 @@ def test_worker_killed_mid_build(ray_cluster, tmp_path, embedder):
                       build=BuildConfig(workers=2, part_mb=0.002, num_cpus=0.5, threads=1))
     killed = []
 
+    pids = []
+
     def kill_one(stats, workers):
+        pids.append(stats["pid"])
         if not killed:
             killed.append(stats["pid"])
             ray.kill(workers[0], no_restart=False)
 
     got = build_index(CorpusConfig(path=str(corpus)), cfg, QUIET, key="k", on_part=kill_one)
+    print(f"worker killed: {got.parts} parts, {got.parts_embedded} staged, pids {sorted(set(pids))}")
     assert killed and got.parts > 6 and got.parts_embedded == got.parts and got.parts_reused == 0
     assert got.chunks == 80 and got.documents == 80 and got.workers == 2
     assert_same_snapshot(got.snapshot, reference(corpus, embedder, cfg, tmp_path / "ref"))
@@ -148,6 +152,7 @@ def test_driver_killed_then_resumed(ray_cluster, tmp_path, embedder):
     cfg = IndexConfig(root=str(root), factory="IVF4,PQ16x4", num_shards=2, sharding="hash",
                       build=BuildConfig(workers=1, part_mb=0.002, num_cpus=0.5, keep_staging=True))
     got = build_index(CorpusConfig(path=str(corpus)), cfg, QUIET, key="k")
+    print(f"resume: {got.parts} parts, {len(before)} staged before the kill, {got.parts_embedded} embedded now")
     assert got.parts == len(parts)
     assert got.parts_reused == len(before) and got.parts_embedded == len(parts) - len(before)
     assert {p: (staging / f"part_{p:06d}.npy").stat().st_mtime_ns for p in before} == mtimes  # not redone
