@@ -48,14 +48,17 @@ class PlanConfig:
     headroom: float = 0.85  # usable fraction of each memory (allocator slack, fragmentation, spikes)
     build_workers: int = 0  # embedding workers; 0 = index.build.workers, else the GPUs, else 1
     embed_rate: float = 0.0  # chunks/s per worker; 0 = the measured CPU figure or the GPU estimate below
-    cpu_embed_rate: float = 150.0  # chunks/s of one 2-core CPU worker (bench/embed.py here)
+    cpu_embed_rate: float = 144.0  # chunks/s of one 2-core CPU worker: the demo corpus, 71,422 chunks in 495 s
     gpu_embed_rate: float = 5000.0  # chunks/s of one GPU worker (an estimate: see docs/scale.md)
     cpu_gflops: float = 256.0  # fp32 GEMM rate of one CPU task (2 cores here, numpy): training without GPUs
     gpu_gflops: float = 50000.0  # fp32 rate of one GPU for k-means (an assumption: no GPU measured here)
     add_gflops: float = 0.0  # rate of one shard's add task (coarse assignment + encoding); 0 = cpu_gflops
     scan_gbps: float = 10.0  # bytes of codes/vectors one shard scans per second per query
-    fanout_ms: float = 1.0  # fan-out + merge cost: a + b·S milliseconds (fitted by bench/fanout.py)
-    fanout_ms_per_shard: float = 0.6
+    # Fan-out + merge: a + b·S + c·S² ms of the client's CPU per call (RetrievalClient.search),
+    # fitted by bench/fanout.py on 1–128 shard actors here; the serial floor of a query's latency.
+    fanout_ms: float = 1.0
+    fanout_ms_per_shard: float = 0.27
+    fanout_ms_per_shard_sq: float = 0.0027
     replica_availability: float = 0.99  # fraction of time one replica is up
     target_availability: float = 0.999  # fraction of queries that must find every shard up
     json_out: str = ""  # also write the plan as JSON here
@@ -276,7 +279,7 @@ def make_plan(
     if factory.startswith("HNSW") or "_HNSW" in factory or ",HNSW" in factory:
         scanned = 64 * 32 * size.per_vector  # efSearch x neighbours visited, order of magnitude
     shard_ms = 1000.0 * (scanned / (plan.scan_gbps * 1e9) + coarse)
-    fanout_ms = plan.fanout_ms + plan.fanout_ms_per_shard * shards
+    fanout_ms = plan.fanout_ms + plan.fanout_ms_per_shard * shards + plan.fanout_ms_per_shard_sq * shards**2
     need_r = availability_replicas(plan.replica_availability, shards, plan.target_availability)
     return {
         "fits": not violations,
