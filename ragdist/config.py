@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragdist.data.config import CorpusConfig, DataConfig
 from ragdist.embed.config import EmbedderConfig
 from ragdist.eval.config import EvalConfig
-from ragdist.index.config import IndexConfig
+from ragdist.index.config import IndexConfig, PlanConfig
 from ragdist.joint.config import JointConfig
 from ragdist.retrieval.config import RetrievalConfig
 from ragdist.train.config import ModelConfig, PeftConfig, TrainerConfig
@@ -35,6 +35,7 @@ GROUPS: dict[str, type] = {
     "eval": EvalConfig,
     "logger": LoggerConfig,
     "joint": JointConfig,
+    "plan": PlanConfig,
 }
 
 
@@ -51,6 +52,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     joint: JointConfig = field(default_factory=JointConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     run_dir: str = "runs/default"
     seed: int = 0
 

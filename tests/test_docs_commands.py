@@ -1,4 +1,4 @@
-"""Every ragdist-index / ragdist-train / ragdist-eval command shown in the README and docs/ composes.
+"""Every ragdist-index / -train / -eval / -plan command shown in the README and docs/ composes.
 
 A renamed config key or option would otherwise leave the documentation telling users to type
 commands that fail. Only the composition is checked (no job runs); multirun sweeps are expanded to
@@ -16,7 +16,7 @@ from ragdist.config import RunConfig, as_object, compose
 from tests.conftest import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-COMMAND = re.compile(r"^\s*(?:\$\s*)?(?:[A-Z_]+=\S+\s+)*(ragdist-(?:index|train|eval))\s+(.*?)(?:\s+#.*)?$")
+COMMAND = re.compile(r"^\s*(?:\$\s*)?(?:[A-Z_]+=\S+\s+)*(ragdist-(?:index|train|eval|plan))\s+(.*?)(?:\s+#.*)?$")
 
 
 def _commands() -> list[tuple[str, list[str]]]:

@@ -11,7 +11,7 @@ import gzip
 import hashlib
 import json
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,21 +161,7 @@ def _read_parquet(
 def _read_datasets_dir(
     path: Path, columns: Sequence[str] | None, required: Mapping[str, str]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{path}: reading a `datasets` directory needs the datasets package (pip install datasets)") from None
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # missing or corrupt state/arrow files
-        raise DataError(f"{path}: cannot load the `datasets` directory ({e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if len(splits) != 1:
-            raise DataError(
-                f"{path}: a DatasetDict with splits {splits}; point the path at one split, e.g. {path / splits[0]}"
-            )
-        ds = ds[splits[0]]
+    ds = _open_dataset(path)
     _missing(str(path), "column", required, ds.column_names)
     if columns is not None:
         ds = ds.select_columns([c for c in columns if c in ds.column_names])
@@ -321,6 +307,266 @@ def load_documents(
     if not docs:
         raise DataError(f"{path}: corpus is empty")
     return docs
+
+
+
+# ---------------------------------------------------------------------------- corpus parts
+# A part is a slice of the corpus that one worker reads on its own: a byte range of a plain JSONL
+# file (a line belongs to the part its first byte falls in), a line range of a gzip'd one, or a row
+# range of a Parquet file or a `datasets` directory. The driver of a distributed build only ever
+# sees the parts' bounds, never the documents. A part's offsets (byte offset of a plain JSONL line,
+# 1-based line number of a gzip'd one, row number otherwise) name a document in later errors.
+
+
+def corpus_format(path: str | Path, fmt: str = "auto") -> str:
+    return detect_format(Path(path), fmt)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == _GZIP_MAGIC
+
+
+def _jsonl_limit(path: Path, max_docs: int) -> int:
+    """Byte offset just past the `max_docs`-th non-blank line."""
+    seen, pos = 0, 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            pos += len(raw)
+            if raw.strip():
+                seen += 1
+                if seen >= max_docs:
+                    break
+    return pos
+
+
+def _gzip_lines(path: Path, max_docs: int | None) -> int:
+    """Lines of a gzip'd JSONL file up to its `max_docs`-th non-blank one (one streaming pass)."""
+    n = seen = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            for raw in fh:
+                n += 1
+                if raw.strip():
+                    seen += 1
+                    if max_docs is not None and seen >= max_docs:
+                        break
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}:{n + 1}: cannot decompress ({e})") from None
+    return n
+
+
+def _tree_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _row_count(path: Path, kind: str) -> int:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for bad files
+            raise DataError(f"{path}: cannot read Parquet ({e})") from None
+    return len(_open_dataset(path))
+
+
+def _open_dataset(path: Path) -> Any:
+    """The one split of a `datasets` directory, with the errors `read_rows` gives."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path}: reading a `datasets` directory needs the datasets package (pip install datasets)") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # missing or corrupt state/arrow files
+        raise DataError(f"{path}: cannot load the `datasets` directory ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if len(splits) != 1:
+            raise DataError(
+                f"{path}: a DatasetDict with splits {splits}; point the path at one split, e.g. {path / splits[0]}"
+            )
+        ds = ds[splits[0]]
+    return ds
+
+
+def split_corpus(path: str | Path, fmt: str = "auto", part_bytes: int = 4 << 20,
+                 max_docs: int | None = None) -> list[dict[str, Any]]:
+    """Cut a corpus into parts of about `part_bytes`: [{"id", "start", "end", "bytes"}, ...].
+
+    Plain JSONL parts are byte ranges (no scan of the file, unless `max_docs` asks for its first
+    lines); gzip'd JSONL parts are line ranges (one streaming pass to count them, and each worker
+    decompresses up to its part: store a large corpus uncompressed or as Parquet); Parquet and
+    `datasets` parts are row ranges of about as many bytes. Every document lands in exactly one part.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: corpus file not found")
+    if part_bytes <= 0:
+        raise DataError(f"part size {part_bytes} bytes: must be > 0")
+    kind = detect_format(path, fmt)
+    if kind == "jsonl" and not path.is_file():
+        raise DataError(f"{path}: not a JSONL file")
+    if kind == "parquet" and not path.is_file():
+        raise DataError(f"{path}: not a Parquet file")
+    if kind == "datasets" and not path.is_dir():
+        raise DataError(f"{path}: not a `datasets` directory (Dataset.save_to_disk writes a directory)")
+    if kind == "jsonl" and not _is_gzip(path):
+        total = path.stat().st_size if max_docs is None else _jsonl_limit(path, max_docs)
+        start, per_row = 0, 1.0
+    elif kind == "jsonl":  # gzip'd: 1-based line numbers
+        lines = _gzip_lines(path, max_docs)
+        start, total = 1, lines + 1
+        per_row = max(1.0, path.stat().st_size / max(lines, 1))
+    else:
+        rows = _row_count(path, kind)
+        start, total = 0, rows if max_docs is None else min(rows, max_docs)
+        per_row = max(1.0, _tree_bytes(path) / max(rows, 1))  # mean bytes per row on disk
+    step = max(1, int(part_bytes / per_row))
+    cuts = list(range(start, total, step)) + [total]
+    return [{"id": i, "start": a, "end": b, "bytes": int(round((b - a) * per_row))}
+            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+
+def line_number(path: str | Path, offset: int) -> int:
+    """1-based line number of the line starting at byte `offset` (only on the error path: it reads the prefix)."""
+    n = 1
+    with open(path, "rb") as fh:
+        left = offset
+        while left > 0:
+            block = fh.read(min(left, 1 << 20))
+            if not block:
+                break
+            n += block.count(b"\n")
+            left -= len(block)
+    return n
+
+
+def where_in_corpus(path: str | Path, fmt: str, offset: int) -> str:
+    """`file:line` (JSONL) or `file: row i` (Parquet, `datasets`) for a part offset, as load_documents names rows."""
+    path = Path(path)
+    if corpus_format(path, fmt) == "jsonl":
+        return f"{path}:{offset if _is_gzip(path) else line_number(path, offset)}"
+    return f"{path}: row {offset}"
+
+
+def _decode_line(raw: bytes, where: Callable[[], str], first: bool) -> dict[str, Any] | None:
+    """One JSONL line → object (None for a blank line); `where()` names the line in errors."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where()}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where()}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where()}: expected a JSON object, got {type_name(obj)}")
+    return obj
+
+
+def _part_rows(path: Path, kind: str, start: int, end: int, columns: Sequence[str],
+               required: Mapping[str, str]) -> Iterator[tuple[int, Callable[[], str], dict[str, Any]]]:
+    """(offset, where, row) for the rows of one part; `where()` is computed only on an error."""
+    if kind == "jsonl" and not _is_gzip(path):
+        with open(path, "rb") as fh:
+            if start > 0:
+                fh.seek(start - 1)
+                fh.readline()  # the line in progress at `start` belongs to the previous part
+            pos = fh.tell()
+            while pos < end:
+                raw = fh.readline()
+                if not raw:
+                    break
+                where = lambda pos=pos: where_in_corpus(path, "jsonl", pos)  # noqa: E731
+                obj = _decode_line(raw, where, pos == 0)
+                if obj is not None:
+                    if not all(k in obj for k in required):
+                        _missing(where(), "key", required, list(obj))
+                    yield pos, where, obj
+                pos += len(raw)
+        return
+    if kind == "jsonl":  # gzip'd: skip to line `start`
+        try:
+            with gzip.open(path, "rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    if lineno >= end:
+                        break
+                    if lineno < start:
+                        continue
+                    where = lambda lineno=lineno: f"{path}:{lineno}"  # noqa: E731
+                    obj = _decode_line(raw, where, lineno == 1)
+                    if obj is not None:
+                        if not all(k in obj for k in required):
+                            _missing(where(), "key", required, list(obj))
+                        yield lineno, where, obj
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot decompress ({e})") from None
+        return
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            _missing(str(path), "column", required, names)
+            table = _parquet_rows(pf, start, end, [c for c in columns if c in names])
+            rows = table.to_pylist()
+        except DataError:
+            raise
+        except Exception as e:  # pyarrow raises several types for bad files
+            raise DataError(f"{path}: cannot read Parquet ({e})") from None
+    else:
+        ds = _open_dataset(path)
+        _missing(str(path), "column", required, ds.column_names)
+        ds = ds.select_columns([c for c in columns if c in ds.column_names]).select(range(start, end))
+        rows = list(ds)
+    for i, obj in enumerate(rows, start=start):
+        yield i, (lambda i=i: f"{path}: row {i}"), obj
+
+
+def read_part(path: str | Path, fmt: str, part: dict[str, Any],
+              fields: CorpusFields | None = None) -> list[tuple[int, Document]]:
+    """(offset, document) for every document of one part, validated as load_documents does."""
+    path = Path(path)
+    kind = detect_format(path, fmt)
+    f = fields or CorpusFields()
+    columns = [f.id, f.text, f.title, f.source, f.timestamp, f.meta]
+    required = {f.id: "corpus.fields.id", f.text: "corpus.fields.text"}
+    out: list[tuple[int, Document]] = []
+    seen: dict[str, int] = {}
+    for off, where, obj in _part_rows(path, kind, int(part["start"]), int(part["end"]), columns, required):
+        try:
+            doc = _to_document(obj, "", f)
+        except DataError:
+            _to_document(obj, where(), f)  # raises again, now naming the row (which may cost a scan)
+            raise
+        if doc.id in seen:
+            raise DataError(f"{where()}: duplicate document id {doc.id!r} "
+                            f"(first at {where_in_corpus(path, kind, seen[doc.id])})")
+        seen[doc.id] = off
+        out.append((off, doc))
+    return out
+
+
+def _parquet_rows(pf: Any, start: int, end: int, columns: Sequence[str] | None = None) -> Any:
+    """Rows [start, end) of a Parquet file, reading only the row groups that hold them."""
+    import pyarrow as pa
+
+    groups, first, row = [], None, 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row < end and row + n > start:
+            groups.append(g)
+            first = row if first is None else first
+        row += n
+    if not groups:
+        return pa.table({})
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first, end - start)
 
 
 def chunk_documents(docs: Sequence[Document], tokenizer: Any, window: int, overlap: int) -> list[Chunk]:

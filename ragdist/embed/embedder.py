@@ -63,6 +63,12 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def embedder_name(cfg: EmbedderConfig) -> str:
+    """The `name` that `build_embedder(cfg)` will report, without loading the model."""
+    path = resolve_model_path(cfg.name)
+    return f"{Path(path).name}:{model_fingerprint(path)}"
+
+
 class SentenceTransformerEmbedder:
     def __init__(self, cfg: EmbedderConfig):
         from sentence_transformers import SentenceTransformer
@@ -75,7 +81,7 @@ class SentenceTransformerEmbedder:
         self.tokenizer = self.model.tokenizer
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
-        self.name = f"{Path(self.path).name}:{model_fingerprint(self.path)}"
+        self.name = embedder_name(cfg)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         import torch
@@ -110,7 +116,7 @@ class HFMeanPoolEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).to(cfg.device).eval()
         self.dim = int(self.model.config.hidden_size)
-        self.name = f"{Path(self.path).name}:{model_fingerprint(self.path)}"
+        self.name = embedder_name(cfg)
         self._torch = torch
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:

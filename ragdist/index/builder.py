@@ -70,14 +70,33 @@ def train_template(cfg: IndexConfig, vectors: np.ndarray) -> Any:
 
     index = make_index(cfg.factory, vectors.shape[1], cfg.metric)
     if not index.is_trained:
-        rows = training_rows(cfg, len(vectors))
-        try:
-            index.train(np.ascontiguousarray(vectors[rows]))
-        except RuntimeError as e:
-            raise ConfigError(
-                f"index.factory={cfg.factory!r}: training on {len(rows)} vectors failed ({str(e).splitlines()[-1]}); "
-                "use fewer lists/centroids for a small corpus"
-            ) from None
+        return train_on_sample(cfg, vectors[training_rows(cfg, len(vectors))])
+    return faiss.clone_index(index)
+
+
+def train_on_sample(cfg: IndexConfig, sample: np.ndarray, *, gpu: bool = False) -> Any:
+    """A trained, empty index of `cfg.factory` from the rows `training_rows` chose.
+
+    `gpu`: run the k-means of an IVF coarse quantizer on every visible GPU (faiss-gpu only);
+    the trained index is the same kind of CPU index either way.
+    """
+    import faiss
+
+    index = make_index(cfg.factory, sample.shape[1], cfg.metric)
+    if index.is_trained:
+        return index
+    ivf = faiss.try_extract_index_ivf(index)
+    if gpu and ivf is not None:
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    try:
+        index.train(np.ascontiguousarray(sample, np.float32))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"index.factory={cfg.factory!r}: training on {len(sample)} vectors failed ({str(e).splitlines()[-1]}); "
+            "use fewer lists/centroids for a small corpus"
+        ) from None
+    if gpu and ivf is not None:
+        ivf.clustering_index = None  # the GPU index must not outlive this call inside the template
     return faiss.clone_index(index)
 
 
@@ -130,9 +149,14 @@ def measure_recall(indexes: Sequence[Any], gids: Sequence[np.ndarray], vectors: 
     kk = k + 1 if own else k
     _, exact = exact_search(vectors, queries, kk, metric)
     _, approx = sharded_search(indexes, gids, queries, kk, metric)
+    return recall_entry(exact, approx, k, query_gids if own else None)
+
+
+def recall_entry(exact: np.ndarray, approx: np.ndarray, k: int, query_gids: np.ndarray | None) -> dict[str, Any]:
+    """The manifest's recall@k from exact and approximate global id lists (k + 1 deep for corpus rows)."""
     hits = []
-    for i in range(len(queries)):
-        drop = int(query_gids[i]) if own else -1
+    for i in range(len(exact)):
+        drop = int(query_gids[i]) if query_gids is not None else -1
         e = [g for g in exact[i] if g >= 0 and g != drop][:k]
         a = [g for g in approx[i] if g >= 0 and g != drop][:k]
         if e:
@@ -141,7 +165,7 @@ def measure_recall(indexes: Sequence[Any], gids: Sequence[np.ndarray], vectors: 
         "k": k,
         "recall": round(float(np.mean(hits)), 4) if hits else 1.0,
         "queries": len(hits),
-        "query_gids": [int(g) for g in query_gids] if own else [],
+        "query_gids": [int(g) for g in query_gids] if query_gids is not None else [],
     }
 
 
@@ -224,10 +248,12 @@ def write_shards(
 def held_out_queries(n: int, nq: int, seed: int, train_rows: np.ndarray | None) -> np.ndarray:
     """Corpus rows not used to train the quantizer (all rows if training used every one)."""
     rng = np.random.default_rng(seed + 1)
-    pool = np.arange(n)
-    if train_rows is not None and len(train_rows) < n:
-        pool = np.setdiff1d(pool, train_rows)
-    return np.sort(rng.choice(pool, min(nq, len(pool)), replace=False)).astype(np.int64)
+    skip = np.unique(train_rows) if train_rows is not None and len(train_rows) < n else np.zeros(0, np.int64)
+    # Positions in the pool of rows not trained on, then mapped to rows: the same draw as choosing
+    # from that pool directly, without materialising it (n may be billions).
+    pos = rng.choice(n - len(skip), min(nq, n - len(skip)), replace=False)
+    shift = skip - np.arange(len(skip))  # rows skipped before each trained row
+    return np.sort(pos + np.searchsorted(shift, pos, side="right")).astype(np.int64)
 
 
 def build_snapshot(

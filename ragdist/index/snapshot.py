@@ -58,12 +58,19 @@ class SnapshotWriter:
         assert self.tmp is not None
         return self.tmp / name
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: dict[str, Any], digests: dict[str, str] | None = None) -> Path:
+        """Checksum every file, write the manifest, rename into place, point LATEST at it.
+
+        `digests` (name -> sha256) lets writers that ran in parallel elsewhere (the distributed
+        build's shard tasks) hand in the checksums they computed, instead of one process reading
+        every byte again.
+        """
         assert self.tmp is not None
         files = manifest.setdefault("files", {})
         for f in sorted(self.tmp.iterdir()):
             if f.name != MANIFEST:
-                files[f.name] = {"sha256": file_digest(f), "bytes": f.stat().st_size}
+                known = (digests or {}).get(f.name)
+                files[f.name] = {"sha256": known or file_digest(f), "bytes": f.stat().st_size}
         manifest.update(format=FORMAT, version=self.version, created=time.time())
         atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         for f in self.tmp.iterdir():

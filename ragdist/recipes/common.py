@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ragdist.config import as_object
 from ragdist.data import builtin
-from ragdist.data.corpus import CorpusFields, chunk_documents, load_documents, path_digest
+from ragdist.data.corpus import CorpusFields, path_digest
 from ragdist.data.qa import QAExample, check_disjoint, load_qa
 from ragdist.errors import DataError, IndexError_, RagdistError
 from ragdist.index import snapshot as snap
@@ -92,8 +92,9 @@ def find_snapshot(root: str, key: str) -> Path | None:
 
 def build_or_reuse_index(cfg: DictConfig, embedder: Any | None = None) -> Path:
     """The snapshot to serve: index.snapshot if given, else one matching the inputs, else a new build."""
-    from ragdist.embed import build_embedder
-    from ragdist.index.builder import build_snapshot
+    from ragdist.embed import embedder_name
+    from ragdist.index.pipeline import build_index
+    from ragdist.retrieval.cluster import init_ray
 
     if cfg.index.snapshot:
         path = snap.resolve(cfg.index.snapshot)
@@ -101,30 +102,32 @@ def build_or_reuse_index(cfg: DictConfig, embedder: Any | None = None) -> Path:
         return path
     if not Path(cfg.corpus.path).exists():
         raise DataError(f"{cfg.corpus.path}: corpus file not found")
-    embedder = embedder or build_embedder(as_object(cfg.embedder))
-    key = index_key(cfg, embedder.name)
+    name = embedder_name(as_object(cfg.embedder))
+    if embedder is not None and embedder.name != name:
+        raise IndexError_(
+            f"index build: the corpus is embedded with the configured embedder ({name}), not with {embedder.name}; "
+            "give index.snapshot= an index built with that encoder"
+        )
+    key = index_key(cfg, name)
     if not cfg.index.rebuild:
         found = find_snapshot(cfg.index.root, key)
         if found is not None:
             log.info("index: reusing snapshot %s", found)
             return found
-    docs = load_documents(cfg.corpus.path, cfg.corpus.format, cfg.corpus.max_docs, as_object(cfg.corpus.fields))
-    chunks = chunk_documents(docs, embedder.tokenizer, cfg.corpus.chunk_tokens, cfg.corpus.chunk_overlap)
-    log.info("index: %d documents → %d chunks; embedding with %s", len(docs), len(chunks), embedder.name)
-    vectors = embedder.encode([c.text for c in chunks], progress=True)
-    if vectors.shape[1] != embedder.dim:
-        raise IndexError_(f"embedder {embedder.name} returned dim {vectors.shape[1]}, declared {embedder.dim}")
-    path = build_snapshot(
-        chunks,
-        vectors,
+    init_ray(cfg.retrieval.address or None, num_cpus=cfg.retrieval.ray_num_cpus, namespace=cfg.retrieval.namespace)
+    built = build_index(
+        as_object(cfg.corpus),
         as_object(cfg.index),
-        embedder_name=embedder.name,
+        as_object(cfg.embedder),
+        key=key,
         extra={
-            "key": key,
-            "corpus": {"path": str(cfg.corpus.path), "documents": len(docs)},
+            "corpus": {"path": str(cfg.corpus.path)},
             "chunking": {"tokens": cfg.corpus.chunk_tokens, "overlap": cfg.corpus.chunk_overlap},
         },
     )
+    path = built.snapshot
+    log.info("index: %d documents → %d chunks with %s in %.1fs (%d worker(s), %.0f chunks/s)", built.documents,
+             built.chunks, name, built.total_s, built.workers, built.embed_chunks_per_s)
     log.info("index: wrote snapshot %s", path)
     return path
 
