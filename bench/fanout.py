@@ -142,9 +142,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import psutil
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray: a local cluster on loopback only
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ragdist.retrieval.cluster import init_ray
 
     counts = sorted(int(s) for s in args.shards.split(","))
