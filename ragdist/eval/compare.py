@@ -4,6 +4,8 @@ Rows (ragdist.eval.runner.STRATEGIES, in table order):
   closed_book      the generator fine-tuned on (question, answer) alone, asked without passages
   base_rag         the base generator (never fine-tuned) given the retrieved passages at inference
   closed_book_rag  the closed-book fine-tuned generator given the retrieved passages at inference
+  pretext          the reader after its pretext stage alone (reading tasks from the corpus, no questions),
+                   given the retrieved passages: what reading buys before any QA fine-tuning
   rag              the generator fine-tuned with retrieved passages, evaluated with retrieval
   joint            a jointly trained generator + query encoder, with its own index snapshot
 """
@@ -35,6 +37,7 @@ LABELS = {
     "closed_book": "fine-tune only (closed book)",
     "base_rag": "RAG at inference only (base model)",
     "closed_book_rag": "RAG at inference only (closed-book fine-tuned)",
+    "pretext": "reader pretext only (no QA fine-tuning)",
     "rag": "RAG fine-tuned (with retrieval)",
     "joint": "RAG fine-tuned + joint retriever",
 }
@@ -68,6 +71,9 @@ def plan(
             rows["closed_book_rag"] = Strategy("closed_book_rag", ckpts["closed_book"], "main")
     if base:
         rows["base_rag"] = Strategy("base_rag", BASE, "main")
+    if "pretext" in ckpts:
+        # The main figures only: the rag row is the one whose robustness matters.
+        rows["pretext"] = Strategy("pretext", ckpts["pretext"], "main", checks=False)
     if "rag" in ckpts:
         rows["rag"] = Strategy("rag", ckpts["rag"], "main")
     if joint_checkpoint:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ragdist.utils.validate import at_least, non_negative, one_of, probability, require
 
 #: The comparison rows, in table order.
-STRATEGIES = ["closed_book", "base_rag", "closed_book_rag", "rag", "joint"]
+STRATEGIES = ["closed_book", "base_rag", "closed_book_rag", "pretext", "rag", "joint"]
 
 
 @dataclass

@@ -148,6 +148,32 @@ def _nli_section(results: dict[str, dict[str, Any]], labels: dict[str, str] | No
     ]
 
 
+def _pretext_section(report: dict[str, Any], labels: dict[str, str] | None) -> list[str]:
+    """The reader's pretext stage: its steps and loss, and what it answers before and after QA fine-tuning."""
+    s = (report.get("training") or {}).get("pretext")
+    if not s:
+        return []
+    results = report["results"]
+    k = (report.get("setup") or {}).get("top_k")
+    out = [
+        "## Reader pretext training",
+        "",
+        f"Before any question, the reader trained {s.get('steps')} steps on reading tasks made from the corpus "
+        "(a salient span — name, code, number — masked out of a passage's sentence is the query; the retrieval "
+        "service returns its passages; the target is the span, copied from the passage that holds it): "
+        f"loss {float(s.get('first_loss', float('nan'))):.3f} → {float(s.get('last_loss', float('nan'))):.3f} "
+        f"in {float(s.get('elapsed_s', 0)):.0f}s on {s.get('world_size')} ranks. The RAG fine-tuned row starts from "
+        "these weights.",
+        "",
+    ]
+    rows = [n for n in ("pretext", "rag") if n in results]
+    if rows:
+        out += _rows("| reader | EM | F1 |", [
+            f"| {_label(n, labels)} | {pct(results[n].get('em'))} | {pct(results[n].get('f1'))} |" for n in rows
+        ]) + ["", f"EM and F1 in %, k = {k} passages.", ""]  # fmt: skip
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     results = report["results"]
     labels = {n: s["label"] for n, s in report.get("strategies", {}).items()}
@@ -190,6 +216,7 @@ def markdown(report: dict[str, Any]) -> str:
         md += ["## Joint retriever training", "",
                "Retrieval on the eval questions, in %: the query encoder (and index) as joint training started → as it ended.",
                "", recall_table(list(joint.items())), ""]  # fmt: skip
+    md += _pretext_section(report, labels)
     training = report.get("training") or {}
     if training:
         md += ["## Training", ""]

@@ -30,6 +30,18 @@ from ragdist.recipes.common import cli, dump_config, load_qa_file, load_qa_split
 TRAINABLE = ("rag", "closed_book")
 
 
+def run_checkpoints(cfg: DictConfig, run_dir: str | Path) -> dict[str, str]:
+    """The generator checkpoints a training run with this config writes: one per variant (the
+    retriever-only variant has none), plus the reader's pretext stage (`trainer.pretext.steps` > 0,
+    before `rag`) when it has been exported."""
+    run_dir = Path(run_dir)
+    ckpts = {v: str(run_dir / "checkpoints" / v) for v in cfg.trainer.variants if v != "retriever"}
+    pretext = run_dir / "checkpoints" / "pretext"
+    if "rag" in cfg.trainer.variants and cfg.trainer.pretext.steps > 0 and (pretext / "config.json").is_file():
+        ckpts["pretext"] = str(pretext)
+    return ckpts
+
+
 def _base_description(cfg: DictConfig) -> str:
     m = cfg.model
     if m.name_or_path:
@@ -195,7 +207,7 @@ def evaluate_checkpoints(
     if not is_main():
         return {}
 
-    training = _training(run_dir, [v for v in TRAINABLE if v in ckpts])
+    training = _training(run_dir, [v for v in ("pretext", *TRAINABLE) if v in ckpts])
     if joint is not None and joint.training:
         training["joint"] = joint.training
     steps = {n: s.get("steps") for n, s in training.items()}
@@ -316,7 +328,7 @@ def _from_run(cfg: DictConfig) -> tuple[DictConfig, dict[str, str]]:
     saved.run_dir = str(prev)
     saved.retrieval.address = cfg.retrieval.address
     saved.retrieval.service_name = cfg.retrieval.service_name
-    ckpts = {v: str(prev / "checkpoints" / v) for v in saved.trainer.variants}
+    ckpts = run_checkpoints(saved, prev)
     return saved, {
         v: p for v, p in ckpts.items() if (Path(p) / "config.json").is_file() or not cfg.eval.compare
     }
@@ -346,7 +358,8 @@ def train_missing(cfg: DictConfig, missing: list[str]) -> dict[str, str]:
     # Record every variant the run now holds, so `eval.run_dir=<this run>` finds them all.
     cfg.trainer.variants = [v for v in TRAINABLE if v in had or v in missing]
     dump_config(cfg, Path(cfg.run_dir) / "resolved.yaml")
-    return {v: str(Path(cfg.run_dir) / "checkpoints" / v) for v in missing}
+    trained = run_checkpoints(cfg, cfg.run_dir)
+    return {v: p for v, p in trained.items() if v in missing or (v == "pretext" and "rag" in missing)}
 
 
 def retrieval_only(cfg: DictConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ragdist import distributed as rdist
 from ragdist.config import conf_dir, register_configs, typed_config
 from ragdist.recipes.common import cli, log, setup_logging
-from ragdist.recipes.evaluate import evaluate_checkpoints
+from ragdist.recipes.evaluate import evaluate_checkpoints, run_checkpoints
 from ragdist.recipes.training import (
     launch_training,
     pin_resumed_index,
@@ -85,8 +85,7 @@ class FinetuneRecipe:
         """Under a launcher every rank generates its share of the answers and rank 0 writes the report;
         a driver evaluates on eval.nproc ranks of its own."""
         report = None
-        ckpts = {v: str(Path(self.cfg.run_dir) / "checkpoints" / v) for v in self.cfg.trainer.variants
-                 if v != "retriever"}  # fmt: skip
+        ckpts = run_checkpoints(self.cfg, self.cfg.run_dir)
         if ckpts:
             report = evaluate_checkpoints(self.cfg, ckpts, self.embedder) or None
         elif self.rank == 0:  # the retriever alone: its recall before → after is in joint_report.md

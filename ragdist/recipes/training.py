@@ -7,6 +7,7 @@ However the ranks come up — ragdist's own local launch (`launch_training`, PyT
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -114,13 +115,17 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
     # The supervised retriever stage: alone (variant `retriever`) or before the rag variant's generator.
     supervised = "retriever" in cfg.trainer.variants or ("rag" in cfg.trainer.variants and joint.supervised.steps > 0)
     sup_done = False
-    if "rag" in cfg.trainer.variants and joint.loss == "none":
+    # The reader's pretext stage runs before `rag` (after a supervised retriever stage, reading what
+    # that retriever finds), and `rag` then starts from its weights.
+    pretext = "rag" in cfg.trainer.variants and trainer.pretext.steps > 0
+    mix = "rag" in cfg.trainer.variants and joint.loss == "none" and trainer.pretext.mix > 0
+    if ("rag" in cfg.trainer.variants and joint.loss == "none") or pretext:
         if not supervised:  # after a supervised stage the generator reads the trained retriever instead
             emb_cfg = as_object(cfg.embedder)
             emb_cfg.progress = False
             client = RetrievalClient(as_object(cfg.retrieval), embedder=build_embedder(emb_cfg))
         fmt = trainer.examples
-        if fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
+        if pretext or mix or fmt.inject_gold_p > 0 or (fmt.distractor_p > 0 and fmt.distractor_source == "random"):
             store = PassageStore.from_snapshot(cfg.index.snapshot)
     logger = RunLogger(as_object(cfg.logger), cfg.run_dir, enabled=rank == 0, config=None)
     if "rag" in cfg.trainer.variants or supervised:
@@ -150,9 +155,15 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
                 continue
             if rag and supervised:
                 snapshot = supervised_result(cfg.run_dir)["snapshot"]
+            model_cfg = as_object(cfg.model)
+            if rag and pretext:
+                assert store is not None
+                done = _pretext_stage(cfg, store, tokenizer, logger, rank, supervised, client, preempt)
+                out.append(done)
+                model_cfg = dataclasses.replace(model_cfg, name_or_path=done["checkpoint"])
             if rag and joint.loss != "none":  # the retriever trains too: a source and hook of the same loop
                 out.append(train_joint(
-                    "rag", train, evals, joint=joint, trainer=trainer, model_cfg=as_object(cfg.model),
+                    "rag", train, evals, joint=joint, trainer=trainer, model_cfg=model_cfg,
                     retrieval=as_object(cfg.retrieval), embedder_cfg=as_object(cfg.embedder),
                     snapshot=snapshot, tokenizer=tokenizer, run_dir=cfg.run_dir, logger=logger,
                     peft_cfg=as_object(cfg.peft), stop_requested=lambda: preempt.requested,
@@ -163,17 +174,47 @@ def train_ranks(cfg: DictConfig) -> list[dict[str, Any]]:
             source = trained or client
             try:
                 out.append(train_variant(
-                    variant, train, trainer=trainer, model_cfg=as_object(cfg.model), tokenizer=tokenizer,
+                    variant, train, trainer=trainer, model_cfg=model_cfg, tokenizer=tokenizer,
                     top_k=cfg.retrieval.top_k if rag else 0, retrieve=source.retrieve if (rag and source) else None,
                     run_dir=cfg.run_dir, logger=logger, peft_cfg=as_object(cfg.peft), store=store if rag else None,
                     index_version=(trained.version if trained else (lambda: client.version)) if (rag and source) else None,
                     stop_requested=lambda: preempt.requested,
+                    source_factory=_mixed_source(train, store, trainer) if (rag and mix) else None,
                 ))  # fmt: skip
             finally:
                 if trained is not None:
                     trained.close()
     logger.finish()
     return out
+
+
+def _pretext_stage(cfg: DictConfig, store: Any, tokenizer: Any, logger: Any, rank: int, supervised: bool,
+                   client: Any, preempt: Any) -> dict[str, Any]:  # fmt: skip
+    """`trainer.pretext`: reading tasks from the corpus, with passages from the retriever `rag` will use."""
+    from ragdist.joint.supervised import TrainedRetrieval
+    from ragdist.train.loop import train_pretext
+
+    trained = TrainedRetrieval(cfg.run_dir, as_object(cfg.joint), as_object(cfg.retrieval), rank) if supervised else None
+    source = trained or client
+    try:
+        return train_pretext(
+            store, trainer=as_object(cfg.trainer), model_cfg=as_object(cfg.model), tokenizer=tokenizer,
+            top_k=cfg.retrieval.top_k, retrieve=source.retrieve, run_dir=cfg.run_dir, logger=logger,
+            peft_cfg=as_object(cfg.peft), index_version=trained.version if trained else (lambda: client.version),
+            stop_requested=lambda: preempt.requested,
+        )  # fmt: skip
+    finally:
+        if trained is not None:
+            trained.close()
+
+
+def _mixed_source(train: list[Any], store: Any, trainer: Any) -> Any:
+    """`rag`'s batch source when `trainer.pretext.mix` > 0: its questions with a share of reading tasks."""
+    from ragdist.train.pretext import MixedSource, ReadingTasks
+
+    tasks = ReadingTasks(store, trainer.pretext, seed=trainer.seed)
+    return lambda builder: MixedSource(train, builder, tasks, trainer.pretext.mix, seed=trainer.seed,
+                                       lookahead=trainer.retrieval_lookahead)  # fmt: skip
 
 
 def rank_entry(plain: dict[str, Any]) -> int:

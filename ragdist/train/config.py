@@ -31,6 +31,10 @@ class ExamplesConfig:
     distractor_source: str = "lower_ranks"  # lower_ranks (over-retrieved) | random (any passage)
     over_retrieve: int = 0  # lower ranks fetched for distractors; 0 = as many as top_k
     inject_gold_p: float = 0.0  # probability of putting the gold passage in when retrieval missed it
+    # Probability that an example shows no gold passage (next ranks take its place; the target stays the
+    # answer): RAFT's share of examples without the answer, so the reader learns what to do when retrieval
+    # missed. Needs gold ids on the training examples; applied before distractors and gold injection.
+    drop_gold_p: float = 0.0
     answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
     # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
     summary_model: str = ""
@@ -50,7 +54,7 @@ class ExamplesConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
-        for key in ("distractor_p", "inject_gold_p"):
+        for key in ("distractor_p", "inject_gold_p", "drop_gold_p"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)}: must be a probability in [0, 1]")
         if not 0.0 < self.answer_max_frac <= 1.0:
@@ -70,6 +74,55 @@ def _check_fields(template: str, allowed: set[str], required: set[str], key: str
         )
     if required - names:
         raise ConfigError(f"trainer.examples.{key}={template!r}: must contain {sorted(required - names)}")
+
+
+PRETEXT_TASKS = ("cloze", "prefix", "section")
+
+
+@dataclass
+class PretextConfig:
+    # Optimizer steps of the pretext stage, which runs before the `rag` variant and whose weights
+    # `rag` starts from; 0 = no pretext stage.
+    steps: int = 0
+    lr: float = 0.0  # 0 = trainer.lr
+    warmup_steps: int = -1  # -1 = trainer.warmup_steps
+    top_k: int = 0  # passages per task; 0 = retrieval.top_k
+    # Reading tasks, drawn uniformly per example. cloze: the span is blanked out of its sentence, the
+    # target is the span; prefix (Atlas's prefix LM): the query stops where the span starts, the target
+    # is the span and the words after it; section (Atlas's title-to-section): the query is the title, the
+    # target the passage's first words. prefix and section targets are `prefix_words` words long.
+    tasks: list[str] = field(default_factory=lambda: ["cloze"])
+    prefix_words: int = 12
+    span_words: int = 4  # longest span masked, in words
+    context_words: int = 8  # words of the span's sentence kept in the query (before the blank; after it
+    # only when fewer than 3 precede it)
+    title: bool = True  # the passage's title leads the query (it names what the passage is about)
+    # A span found in more than this share of passages (and in more than one) is template text, skipped.
+    max_span_df: float = 0.01
+    df_sample: int = 50_000  # passages the span frequencies are counted on (a seeded sample of larger corpora)
+    # Share of tasks whose original passage (and any passage holding the same chunk id) is left out of
+    # the retrieved set; the target stays the span (RAFT's share without the answer).
+    drop_gold_p: float = 0.0
+    # Share of each `rag` micro-batch's examples replaced by pretext tasks (0 = QA only), so that
+    # fine-tuning on questions keeps the generic reading skill.
+    mix: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"trainer.pretext.steps={self.steps}: must not be negative")
+        bad = [t for t in self.tasks if t not in PRETEXT_TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(
+                f"trainer.pretext.tasks={list(self.tasks)}: expected a non-empty list of {', '.join(PRETEXT_TASKS)}"
+            )
+        for key in ("span_words", "context_words", "df_sample", "prefix_words"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.pretext.{key}={getattr(self, key)}: must be at least 1")
+        for key in ("max_span_df", "drop_gold_p", "mix"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"trainer.pretext.{key}={getattr(self, key)}: must be in [0, 1]")
+        if self.lr < 0 or self.top_k < 0:
+            raise ConfigError("trainer.pretext.lr and trainer.pretext.top_k must not be negative")
 
 
 @dataclass
@@ -123,6 +176,8 @@ class TrainerConfig:
     prefetch_depth: int = 16
     retrieval_lookahead: int = 8  # questions of this many upcoming batches retrieved in one call; 1 = per batch
     examples: ExamplesConfig = field(default_factory=ExamplesConfig)
+    # The reader's pretext stage before `rag` (ragdist/train/pretext.py); steps=0 = none.
+    pretext: PretextConfig = field(default_factory=PretextConfig)
 
     def __post_init__(self) -> None:
         if self.engine not in ("deepspeed", "fsdp"):

@@ -139,10 +139,17 @@ def select_passages(
     store: PassageStore | None,
     train: bool,
 ) -> list[dict[str, Any]]:
-    """The passages one example shows: top-k, then (training only) distractors, gold injection, shuffle."""
+    """The passages one example shows: top-k, then (training only) the gold passage dropped, distractors,
+    gold injection, shuffle."""
     chosen = list(retrieved[:top_k])
     if not train or top_k == 0:
         return chosen
+    gold = set(gold_ids)
+    dropped = bool(fmt.drop_gold_p > 0 and gold and rng.random() < fmt.drop_gold_p)
+    if dropped:
+        # As if retrieval had missed: the next ranks move up, and they feed the distractors below.
+        retrieved = [p for p in retrieved if not _is_gold(p, gold)]
+        chosen = list(retrieved[:top_k])
     if fmt.distractor_p > 0:
         flips = rng.random(len(chosen)) < fmt.distractor_p
         n = int(flips.sum())
@@ -157,8 +164,9 @@ def select_passages(
                     chosen[i] = d
             else:
                 chosen += pool[: len(slots)]
-    gold = set(gold_ids)
-    if fmt.inject_gold_p > 0 and gold and store is not None and not any(_is_gold(p, gold) for p in chosen):
+    if dropped:
+        chosen = [p for p in chosen if not _is_gold(p, gold)]  # a random distractor may be gold too
+    elif fmt.inject_gold_p > 0 and gold and store is not None and not any(_is_gold(p, gold) for p in chosen):
         if rng.random() < fmt.inject_gold_p:
             found = next((store.get(g) for g in gold_ids if store.get(g) is not None), None)
             if found is not None:
@@ -255,8 +263,9 @@ class ExampleBuilder:
         self.ids = TokenMemo(tokenizer)
 
     def fetch_k(self) -> int:
-        """How many ranks to retrieve: top-k, plus the lower ranks that distractors come from."""
-        if self.fmt.distractor_p > 0 and self.fmt.distractor_source == "lower_ranks":
+        """How many ranks to retrieve: top-k, plus the lower ranks that distractors, or the passages
+        standing in for a dropped gold one, come from."""
+        if (self.fmt.distractor_p > 0 and self.fmt.distractor_source == "lower_ranks") or self.fmt.drop_gold_p > 0:
             return self.top_k + (self.fmt.over_retrieve or self.top_k)
         return self.top_k
 

@@ -39,6 +39,7 @@ from ragdist.train.peft import (
     save_adapter_and_merged,
 )
 from ragdist.train.prefetch import Lookahead
+from ragdist.train.pretext import PretextSource
 from ragdist.train.trainer import Position, Trainer, finished_summary
 from ragdist.utils.logger import RunLogger
 
@@ -113,8 +114,12 @@ def train_variant(
     index_version: Callable[[], str | None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
     export: bool = True,
+    source_factory: Callable[[ExampleBuilder], Any] | None = None,
 ) -> dict[str, Any]:
     """Train one generator; `retrieve(questions, k)` gives each question its passages (top_k=0: closed book).
+
+    `source_factory(builder)` makes the batch source from the example builder (default: `examples`
+    through `ExampleSource`; the pretext stage makes its reading tasks here).
 
     Raises `Preempted` (after checkpointing) when `stop_requested()` turned true on any rank.
     """
@@ -132,7 +137,10 @@ def train_variant(
         tokenizer, trainer.examples, top_k=top_k, max_len=trainer.max_seq_len, retrieve=retrieve,
         store=store, summarizer=summarizer, seed=trainer.seed,
     )  # fmt: skip
-    source = ExampleSource(examples, builder, trainer.retrieval_lookahead)
+    if source_factory is not None:
+        source = source_factory(builder)
+    else:
+        source = ExampleSource(examples, builder, trainer.retrieval_lookahead)
     engine = build_engine(trainer, build_module_fn(model_cfg, tokenizer, peft_cfg), run_dir)
     try:
         summary = Trainer(
@@ -180,3 +188,36 @@ def _match_dtypes(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[s
     """bf16 training leaves bf16 weights; the saved model keeps the dtype it was built with."""
     ref = model.state_dict()
     return {k: v.to(ref[k].dtype) if k in ref else v for k, v in sd.items()}
+
+
+def train_pretext(
+    store: PassageStore,
+    *,
+    trainer: TrainerConfig,
+    model_cfg: ModelConfig,
+    tokenizer: Any,
+    top_k: int,
+    retrieve: Callable[[list[str], int], list[list[dict[str, Any]]]],
+    run_dir: str | Path,
+    logger: RunLogger,
+    peft_cfg: PeftConfig | None = None,
+    index_version: Callable[[], str | None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """The reader's pretext stage (`trainer.pretext`): reading tasks made from the corpus in `store`,
+    with passages from `retrieve`, through the same loop and export as `train_variant` (variant
+    "pretext"; checkpoint `<run_dir>/checkpoints/pretext`, which the `rag` variant then starts from)."""
+    pcfg = trainer.pretext
+    stage = dataclasses.replace(
+        trainer,
+        max_steps=pcfg.steps,
+        lr=pcfg.lr or trainer.lr,
+        warmup_steps=trainer.warmup_steps if pcfg.warmup_steps < 0 else pcfg.warmup_steps,
+        examples=dataclasses.replace(trainer.examples, drop_gold_p=pcfg.drop_gold_p),
+    )
+    return train_variant(
+        "pretext", [], trainer=stage, model_cfg=model_cfg, tokenizer=tokenizer, top_k=pcfg.top_k or top_k,
+        retrieve=retrieve, run_dir=run_dir, logger=logger, peft_cfg=peft_cfg, store=store,
+        index_version=index_version, stop_requested=stop_requested,
+        source_factory=lambda b: PretextSource(store, b, pcfg, seed=trainer.seed, lookahead=trainer.retrieval_lookahead),
+    )  # fmt: skip
