@@ -78,11 +78,11 @@ class PlanConfig:
     gpu_gflops: float = 50000.0  # fp32 rate of one GPU for k-means (an assumption: no GPU measured here)
     add_gflops: float = 0.0  # rate of one shard's add task (coarse assignment + encoding); 0 = cpu_gflops
     scan_gbps: float = 10.0  # bytes of codes/vectors one shard scans per second per query
-    # Fan-out + merge: a + b·S + c·S² ms of the client's CPU per call (RetrievalClient.search),
+    # Fan-out + merge: a + b·S + c·S² ms of the client's CPU per call (ShardedRetriever.search),
     # fitted by bench/fanout.py on 1–128 shard actors here; the serial floor of a query's latency.
-    fanout_ms: float = 1.0
-    fanout_ms_per_shard: float = 0.27
-    fanout_ms_per_shard_sq: float = 0.0027
+    fanout_ms: float = 3.0
+    fanout_ms_per_shard: float = 0.33
+    fanout_ms_per_shard_sq: float = 0.0015
     replica_availability: float = 0.99  # fraction of time one replica is up
     target_availability: float = 0.999  # fraction of queries that must find every shard up
     json_out: str = ""  # also write the plan as JSON here
