@@ -111,20 +111,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip stream
                 raise DataError(f"{path}:{lineno + 1}: cannot decompress ({e})") from None
             lineno += 1
-            try:
-                # utf-8-sig on the first line only: a BOM there is an encoding mark, elsewhere it is data.
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type_name(obj)}")
-            yield lineno, obj
+            obj = _decode_line(raw, lambda lineno=lineno: f"{path}:{lineno}", lineno == 1)
+            if obj is not None:
+                yield lineno, obj
 
 
 def _missing(where: str, what: str, required: Mapping[str, str], present: Sequence[str]) -> None:
@@ -452,7 +441,10 @@ def where_in_corpus(path: str | Path, fmt: str, offset: int) -> str:
 
 
 def _decode_line(raw: bytes, where: Callable[[], str], first: bool) -> dict[str, Any] | None:
-    """One JSONL line → object (None for a blank line); `where()` names the line in errors."""
+    """One JSONL line → object (None for a blank line); `where()` names the line in errors.
+
+    `first`: the file's first line, decoded as utf-8-sig: a BOM there is an encoding mark, elsewhere data.
+    """
     try:
         line = raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as e:
