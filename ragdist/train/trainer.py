@@ -13,8 +13,9 @@ resumed there. Only a source's `fetch` (retrieval: waiting on the service, which
 ahead; its `build` (prompts, collation: pure Python) runs on the training thread, since Python in a
 second thread holds the GIL against the step's own Python (on 2 CPU ranks, building the batches in
 the thread cost ~5% of the step; inline, under 1%).
-The per-step all-reduce that averages the loss also carries the preemption flag, so all ranks agree
-on the step at which to checkpoint without an extra collective.
+The all-reduce that averages the losses also carries the preemption flag, so all ranks agree on the
+step at which to checkpoint without an extra collective; it runs about once a second
+(`trainer.sync_every_s`) and at every log and checkpoint step, not once per step (see `_sync`).
 """
 
 from __future__ import annotations
