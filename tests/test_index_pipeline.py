@@ -90,16 +90,21 @@ def _corpus_as(fmt: str, path: Path, tmp_path: Path, rename: dict[str, str] | No
     return out
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "gzip", "parquet", "datasets"])
+@pytest.mark.parametrize("fmt", ["jsonl", "gzip", "gzip-spilled", "parquet", "datasets"])
 @pytest.mark.parametrize("part_bytes", [1, 700, 5000, 1 << 30])
 def test_parts_cover_every_document_once(tmp_path, fmt, part_bytes):
-    path = _corpus_as(fmt, repeated_corpus(tmp_path / "c.jsonl", 2), tmp_path)
-    parts = split_corpus(path, "auto", part_bytes)
+    path = _corpus_as(fmt.split("-")[0], repeated_corpus(tmp_path / "c.jsonl", 2), tmp_path)
+    spill = {"spill_dir": tmp_path / "spill"} if fmt == "gzip-spilled" else {}
+    parts = split_corpus(path, "auto", part_bytes, **spill)
     got = [d for p in parts for _, d in read_part(path, "auto", p)]
     assert got == load_documents(path)
     assert split_corpus(path, "auto", part_bytes, max_docs=5)[-1]["end"] > 0
-    assert [d.id for p in split_corpus(path, "auto", part_bytes, max_docs=5) for _, d in read_part(path, "auto", p)] \
-        == [d.id for d in load_documents(path, max_docs=5)]
+    five = {"spill_dir": tmp_path / "spill5"} if spill else {}
+    assert [d.id for p in split_corpus(path, "auto", part_bytes, max_docs=5, **five)
+            for _, d in read_part(path, "auto", p)] == [d.id for d in load_documents(path, max_docs=5)]  # fmt: skip
+    if spill:  # byte ranges of one decompressed copy, made once
+        assert {p["source"] for p in parts} == {str(tmp_path / "spill" / "corpus.jsonl")}
+        assert (tmp_path / "spill" / "corpus.jsonl").read_text() == gzip_text(path)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "gzip", "parquet"])
@@ -126,6 +131,10 @@ def test_parts_read_mapped_fields_and_name_the_bad_row(tmp_path, fmt):
     with pytest.raises(DataError) as ref:
         load_documents(bad, fields=fields)
     assert str(err.value) == str(ref.value) and f"{bad}:6" in str(err.value)
+    if fmt == "gzip":  # read from the decompressed copy, still named by the gzip'd file and its line
+        with pytest.raises(DataError) as spilled:
+            [d for p in split_corpus(bad, "auto", 900, spill_dir=tmp_path / "s") for d in read_part(bad, "auto", p, fields)]
+        assert str(spilled.value) == str(ref.value)
 
 
 def gzip_text(path: Path) -> str:
@@ -212,6 +221,24 @@ def test_driver_killed_then_resumed(ray_cluster, tmp_path, embedder):
     assert_same_snapshot(got.snapshot, reference(corpus, embedder, cfg, tmp_path / "ref"))
 
 
+def test_gzip_corpus_builds_the_plain_corpus_snapshot(ray_cluster, tmp_path):
+    """A .jsonl.gz corpus is decompressed once into the staging directory and cut into byte ranges:
+    the same snapshot as the plain file's, and nothing left behind."""
+    import gzip
+
+    plain = repeated_corpus(tmp_path / "corpus.jsonl", 1)
+    gz = tmp_path / "corpus.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    build = BuildConfig(workers=1, part_mb=0.002, num_cpus=0.5, threads=1)
+    got = {}
+    for name, path in (("plain", plain), ("gz", gz)):
+        cfg = IndexConfig(root=str(tmp_path / f"idx-{name}"), num_shards=2, build=build)
+        got[name] = build_index(CorpusConfig(path=str(path)), cfg, QUIET)
+        assert not list((tmp_path / f"idx-{name}").glob(f"{STAGING_PREFIX}*"))
+    assert got["gz"].parts == got["plain"].parts > 3
+    assert_same_snapshot(got["gz"].snapshot, got["plain"].snapshot)
+
+
 def test_bad_corpus_named_and_nothing_left(ray_cluster, tmp_path):
     corpus = repeated_corpus(tmp_path / "corpus.jsonl", 1)
     lines = corpus.read_text().splitlines()
@@ -227,6 +254,12 @@ def test_bad_corpus_named_and_nothing_left(ray_cluster, tmp_path):
     doc_id = json.loads(lines[2])["id"]
     with pytest.raises(DataError, match=rf"dup\.jsonl:41: duplicate document id '{doc_id}' \(first at .*dup\.jsonl:3\)"):
         build_index(CorpusConfig(path=str(dup)), cfg, QUIET)
+    import gzip  # the same through a gzip'd corpus's decompressed copy: the .gz and its lines are named
+
+    dupgz = tmp_path / "dup.jsonl.gz"
+    dupgz.write_bytes(gzip.compress(dup.read_bytes()))
+    with pytest.raises(DataError, match=rf"dup\.jsonl\.gz:41: duplicate document id '{doc_id}' \(first at .*dup\.jsonl\.gz:3\)"):
+        build_index(CorpusConfig(path=str(dupgz)), cfg, QUIET)
     assert snap.list_versions(tmp_path / "idx") == []
     assert not list((tmp_path / "idx").glob(f"{STAGING_PREFIX}*"))
 

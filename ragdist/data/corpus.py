@@ -10,6 +10,7 @@ import datetime as _dt
 import gzip
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -381,15 +382,21 @@ def _open_dataset(path: Path) -> Any:
 
 
 def split_corpus(path: str | Path, fmt: str = "auto", part_bytes: int = 4 << 20,
-                 max_docs: int | None = None) -> list[dict[str, Any]]:
+                 max_docs: int | None = None, spill_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Cut a corpus into parts of about `part_bytes`: [{"id", "start", "end", "bytes"}, ...].
 
     Plain JSONL parts are byte ranges (no scan of the file, unless `max_docs` asks for its first
-    lines); gzip'd JSONL parts are line ranges (one streaming pass to count them, and each worker
-    decompresses up to its part: store a large corpus uncompressed or as Parquet); Parquet and
-    `datasets` parts are row ranges of about as many bytes. Every document lands in exactly one part.
+    lines); Parquet and `datasets` parts are row ranges of about as many bytes. A gzip'd JSONL file
+    cannot be entered in the middle: with `spill_dir` it is decompressed once into that directory
+    (`spill_gzip`) and its parts are byte ranges of the copy (`"source"`: the copy's path), so that
+    no worker decompresses more than its own part; without it, parts are line ranges (one streaming
+    pass to count them, and each reader decompresses up to its part). Every document lands in
+    exactly one part.
     """
     path = Path(path)
+    if spill_dir is not None and detect_format(path, fmt) == "jsonl" and path.is_file() and _is_gzip(path):
+        source = spill_gzip(path, spill_dir, max_docs)
+        return [dict(p, source=str(source)) for p in split_corpus(source, "jsonl", part_bytes)]
     if not path.exists():
         raise DataError(f"{path}: corpus file not found")
     if part_bytes <= 0:
@@ -418,6 +425,35 @@ def split_corpus(path: str | Path, fmt: str = "auto", part_bytes: int = 4 << 20,
             for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
 
 
+SPILL_NAME = "corpus.jsonl"
+
+
+def spill_gzip(path: str | Path, spill_dir: str | Path, max_docs: int | None = None) -> Path:
+    """The gzip'd JSONL corpus at `path` decompressed into `spill_dir` (up to its `max_docs`-th
+    document), written under a temporary name and renamed; an existing copy is complete and reused.
+    Lines keep their numbers, so errors still name `path` and the line."""
+    out = Path(spill_dir) / SPILL_NAME
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{SPILL_NAME}.tmp-{os.getpid()}")
+    n = seen = 0
+    try:
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            for raw in src:
+                n += 1
+                dst.write(raw)
+                if raw.strip():
+                    seen += 1
+                    if max_docs is not None and seen >= max_docs:
+                        break
+    except (OSError, EOFError, zlib.error) as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}:{n + 1}: cannot decompress ({e})") from None
+    os.replace(tmp, out)
+    return out
+
+
 def line_number(path: str | Path, offset: int) -> int:
     """1-based line number of the line starting at byte `offset` (only on the error path: it reads the prefix)."""
     n = 1
@@ -432,9 +468,12 @@ def line_number(path: str | Path, offset: int) -> int:
     return n
 
 
-def where_in_corpus(path: str | Path, fmt: str, offset: int) -> str:
-    """`file:line` (JSONL) or `file: row i` (Parquet, `datasets`) for a part offset, as load_documents names rows."""
+def where_in_corpus(path: str | Path, fmt: str, offset: int, source: str | Path | None = None) -> str:
+    """`file:line` (JSONL) or `file: row i` (Parquet, `datasets`) for a part offset, as load_documents
+    names rows; `source`: the decompressed copy that the offset (a byte offset) points into."""
     path = Path(path)
+    if source is not None:
+        return f"{path}:{line_number(source, offset)}"
     if corpus_format(path, fmt) == "jsonl":
         return f"{path}:{offset if _is_gzip(path) else line_number(path, offset)}"
     return f"{path}: row {offset}"
@@ -461,10 +500,12 @@ def _decode_line(raw: bytes, where: Callable[[], str], first: bool) -> dict[str,
 
 
 def _part_rows(path: Path, kind: str, start: int, end: int, columns: Sequence[str],
-               required: Mapping[str, str]) -> Iterator[tuple[int, Callable[[], str], dict[str, Any]]]:
-    """(offset, where, row) for the rows of one part; `where()` is computed only on an error."""
-    if kind == "jsonl" and not _is_gzip(path):
-        with open(path, "rb") as fh:
+               required: Mapping[str, str], source: Path | None = None,
+               ) -> Iterator[tuple[int, Callable[[], str], dict[str, Any]]]:  # fmt: skip
+    """(offset, where, row) for the rows of one part; `where()` is computed only on an error.
+    `source`: a decompressed copy of the gzip'd `path` holding the part's byte range."""
+    if kind == "jsonl" and (source is not None or not _is_gzip(path)):
+        with open(source or path, "rb") as fh:
             if start > 0:
                 fh.seek(start - 1)
                 fh.readline()  # the line in progress at `start` belongs to the previous part
@@ -473,7 +514,7 @@ def _part_rows(path: Path, kind: str, start: int, end: int, columns: Sequence[st
                 raw = fh.readline()
                 if not raw:
                     break
-                where = lambda pos=pos: where_in_corpus(path, "jsonl", pos)  # noqa: E731
+                where = lambda pos=pos: where_in_corpus(path, "jsonl", pos, source)  # noqa: E731
                 obj = _decode_line(raw, where, pos == 0)
                 if obj is not None:
                     if not all(k in obj for k in required):
@@ -530,7 +571,10 @@ def read_part(path: str | Path, fmt: str, part: dict[str, Any],
     required = {f.id: "corpus.fields.id", f.text: "corpus.fields.text"}
     out: list[tuple[int, Document]] = []
     seen: dict[str, int] = {}
-    for off, where, obj in _part_rows(path, kind, int(part["start"]), int(part["end"]), columns, required):
+    source = Path(part["source"]) if part.get("source") else None
+    if source is not None and not source.is_file():
+        raise DataError(f"{path}: the decompressed copy {source} of this part is gone; build again")
+    for off, where, obj in _part_rows(path, kind, int(part["start"]), int(part["end"]), columns, required, source):
         try:
             doc = _to_document(obj, "", f)
         except DataError:
@@ -538,7 +582,7 @@ def read_part(path: str | Path, fmt: str, part: dict[str, Any],
             raise
         if doc.id in seen:
             raise DataError(f"{where()}: duplicate document id {doc.id!r} "
-                            f"(first at {where_in_corpus(path, kind, seen[doc.id])})")
+                            f"(first at {where_in_corpus(path, kind, seen[doc.id], source)})")
         seen[doc.id] = off
         out.append((off, doc))
     return out

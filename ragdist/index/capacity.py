@@ -134,11 +134,22 @@ def count_chunks(corpus: Any, tokenizer: Any, sample_docs: int = 0) -> tuple[int
     With `sample_docs`, only the first documents are chunked and the count is scaled by the
     fraction of the file they span.
     """
+    import tempfile
+
+    from ragdist.data.corpus import split_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # A gzip'd corpus counted whole is decompressed once (a sample reads only its first parts).
+        parts = split_corpus(corpus.path, corpus.format, 4 << 20, corpus.max_docs,
+                             spill_dir=None if sample_docs else tmp)  # fmt: skip
+        return _count(corpus, parts, tokenizer, sample_docs)
+
+
+def _count(corpus: Any, parts: list[dict[str, Any]], tokenizer: Any, sample_docs: int) -> tuple[int, float, int]:
     from pathlib import Path
 
-    from ragdist.data.corpus import chunk_documents, read_part, split_corpus
+    from ragdist.data.corpus import chunk_documents, read_part
 
-    parts = split_corpus(corpus.path, corpus.format, 4 << 20, corpus.max_docs)
     total_units = parts[-1]["end"] if parts else 0
     chunks, text_bytes, docs, seen_units = 0, 0, 0, 0
     for p in parts:

@@ -43,11 +43,13 @@ import numpy as np
 
 from ragdist.data.config import CorpusConfig
 from ragdist.data.corpus import (
+    SPILL_NAME,
     Chunk,
     chunk_documents,
     file_digest,
     path_digest,
     read_part,
+    spill_gzip,
     split_corpus,
     where_in_corpus,
 )
@@ -511,8 +513,10 @@ def check_duplicates(corpus: CorpusConfig, staging: Path, pids: list[int], bucke
                 if hh == h and off in (a, b):
                     ids[off] = d
         if len(ids) == 2 and ids[a] == ids[b]:
-            raise DataError(f"{where_in_corpus(corpus.path, corpus.format, b)}: duplicate document id {ids[b]!r} "
-                            f"(first at {where_in_corpus(corpus.path, corpus.format, a)})")
+            spilled = staging / SPILL_NAME
+            source = spilled if spilled.is_file() else None  # a gzip'd corpus: offsets into its copy
+            raise DataError(f"{where_in_corpus(corpus.path, corpus.format, b, source)}: duplicate document id "
+                            f"{ids[b]!r} (first at {where_in_corpus(corpus.path, corpus.format, a, source)})")
 
 
 def build_index(
@@ -543,8 +547,13 @@ def build_index(
     plan_path = staging / "parts.json"
     if plan_path.is_file():
         parts = json.loads(plan_path.read_text())["parts"]  # an interrupted build's cut, kept for its parts
+        if any(p.get("source") for p in parts):
+            # a gzip'd corpus's decompressed copy: made again if it went (the same bytes, so the same parts)
+            source = spill_gzip(corpus.path, staging, corpus.max_docs)
+            parts = [dict(p, source=str(source)) for p in parts]
     else:
-        parts = split_corpus(corpus.path, corpus.format, int(build.part_mb * (1 << 20)), corpus.max_docs)
+        parts = split_corpus(corpus.path, corpus.format, int(build.part_mb * (1 << 20)), corpus.max_docs,
+                             spill_dir=staging)  # fmt: skip
         atomic_write_text(plan_path, json.dumps({"corpus": str(corpus.path), "embedder": name, "parts": parts}))
     done = staged_parts(staging, parts)
     todo = [p for p in parts if int(p["id"]) not in done]
