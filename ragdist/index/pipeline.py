@@ -58,6 +58,7 @@ from ragdist.embed.embedder import embedder_name
 from ragdist.errors import ConfigError, DataError, IndexError_, RagdistError
 from ragdist.index.builder import (
     _wants_vectors,
+    exact_search,
     exact_search_index,
     held_out_queries,
     make_index,
@@ -323,7 +324,7 @@ def add_shard(
             x = np.ascontiguousarray(_part_vectors(staging_p, pid)[local], np.float32)
             index.add(x)
             if exact is not None:
-                D, ix = _flat_search(x, queries, kk, cfg.metric)
+                D, ix = exact_search(x, queries, kk, cfg.metric)
                 exact.add_result(D, np.where(ix >= 0, lo + local[np.clip(ix, 0, None)], -1).astype(np.int64))
             if cols is None:
                 cols = pq.read_table(staging_p / f"{part_name(pid)}.parquet", columns=list(ROW_SCHEMA_COLUMNS))
@@ -359,14 +360,6 @@ def add_shard(
         result["exact"] = (exact.D, exact.I)
         result["approx"] = (D.astype(np.float32), G.astype(np.int64))
     return result
-
-
-def _flat_search(x: np.ndarray, q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    flat = faiss.IndexFlatIP(x.shape[1]) if metric == "ip" else faiss.IndexFlatL2(x.shape[1])
-    flat.add(x)
-    return flat.search(np.ascontiguousarray(q), k)
 
 
 def _local_to_global(ix: np.ndarray, offsets: np.ndarray, counts: np.ndarray, row_range: tuple[int, int],

@@ -216,6 +216,7 @@ class Fetched:
     """`ExampleBuilder.fetch`'s result: the retrieved passages per example (and their summaries)."""
 
     retrieved: list[list[dict[str, Any]]]
+    chosen: list[list[dict[str, Any]]] | None  # the passages shown, when fetch already selected them (summarize)
     summaries: list[str] | None
     retrieval_s: float
     fetch_s: float
@@ -287,10 +288,12 @@ class ExampleBuilder:
         else:
             retrieved = [[] for _ in batch]
         t1 = time.perf_counter()
-        summaries = None
+        chosen = summaries = None
         if self.top_k > 0 and self.fmt.aggregation == "summarize":
-            summaries = self.summarizer(self.select(batch, ids, retrieved, epoch, train))  # type: ignore[misc]
-        return Fetched(retrieved=retrieved, summaries=summaries, retrieval_s=t1 - t0, fetch_s=time.perf_counter() - t0)
+            chosen = self.select(batch, ids, retrieved, epoch, train)
+            summaries = self.summarizer(chosen)  # type: ignore[misc]
+        return Fetched(retrieved=retrieved, chosen=chosen, summaries=summaries, retrieval_s=t1 - t0,
+                       fetch_s=time.perf_counter() - t0)  # fmt: skip
 
     def select(
         self, batch: Sequence[Any], ids: Sequence[int], retrieved: list[list[dict[str, Any]]], epoch: int, train: bool
@@ -313,7 +316,7 @@ class ExampleBuilder:
         """The batch from what `fetch` brought: select, aggregate, encode, collate."""
         t0 = time.perf_counter()
         batch = [examples[int(i)] for i in ids]
-        chosen = self.select(batch, ids, fetched.retrieved, epoch, train)
+        chosen = fetched.chosen if fetched.chosen is not None else self.select(batch, ids, fetched.retrieved, epoch, train)
         rows = self.encode(batch, chosen, fetched.summaries)
         tensors = collate_train(rows, self.tokenizer.pad_token_id)
         return Batch(
