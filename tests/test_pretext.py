@@ -203,3 +203,62 @@ def test_pretext_then_rag_end_to_end(ray_cluster, tmp_path):
     assert first["rag"] < first["closed_book"] - 1.0, first
     md = (run / "report.md").read_text()
     assert "## Reader pretext training" in md and "reader pretext only" in md
+
+
+def test_answer_shape_groups_answers_of_one_form():
+    from ragdist.train.examples import answer_shape
+
+    assert answer_shape("KKD") == answer_shape("LAX") == "A"
+    assert answer_shape("87") == answer_shape("1240") == "9"
+    assert answer_shape("Port Moresby") == "Aa Aa" != answer_shape("Kokoda")
+    assert answer_shape("7440-47-3") == "9-9-9"
+    assert answer_shape("[Rn] 5f14 6d4 7s2") == "[Aa] 9a9 9a9 9a9"
+
+
+def test_answer_swap_replaces_the_answer_in_question_passages_and_target():
+    from ragdist.data.qa import QAExample, load_qa
+    from ragdist.train.examples import AnswerSwap, answer_shape
+
+    train = load_qa(DATA / "train.jsonl")
+    swap = AnswerSwap(train, p=1.0)
+    ex = QAExample(id="x", question="Which city does Kokoda Airport serve?", answers=["Kokoda"], gold_ids=["k"])
+    shown = [{"id": "k#0", "title": "Kokoda Airport", "text": AIRPORT}, {"id": "o#0", "title": "Other", "text": "Kokodas."}]
+    question, answer, passages = swap(ex, shown, np.random.default_rng(0))
+    assert answer != "Kokoda" and answer_shape(answer) == answer_shape("Kokoda")
+    assert answer in swap.pools[answer_shape("Kokoda")]
+    assert question == f"Which city does {answer} Airport serve?"
+    assert passages[0]["title"] == f"{answer} Airport" and AIRPORT.replace("Kokoda", answer) == passages[0]["text"]
+    assert passages[1]["text"] == "Kokodas."  # whole words only
+    assert shown[0]["text"] == AIRPORT  # the retrieved passages themselves are untouched
+    # an answer no shown passage holds is left alone, and so is everything at p=0
+    missing = QAExample(id="y", question="q?", answers=["ZZZ"], gold_ids=[])
+    assert swap(missing, shown, np.random.default_rng(0)) == ("q?", "ZZZ", shown)
+    assert AnswerSwap(train, p=0.0)(ex, shown, np.random.default_rng(0)) == (ex.question, "Kokoda", shown)
+
+
+def test_builder_trains_on_swapped_answers_read_from_the_passages():
+    from ragdist.data.qa import load_qa
+    from ragdist.train.model import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+
+    store, train = _store(), load_qa(DATA / "train.jsonl")
+    ids = tuple(range(len(train)))
+
+    def targets(p: float) -> tuple[list[str], list[str]]:
+        fmt = ExamplesConfig(swap_answer_p=p)
+        builder = ExampleBuilder(tok, fmt, top_k=3, max_len=256, retrieve=_retrieve_from(store), store=store, seed=0)
+        batch = builder.build(train, ids, epoch=0)
+        t = batch.tensors
+        answers = [tok.decode(r[lab != -100], skip_special_tokens=True).strip() for r, lab in zip(t["input_ids"], t["labels"])]
+        prompts = [tok.decode(r[(lab == -100) & (m == 1)], skip_special_tokens=True) for r, lab, m in
+                   zip(t["input_ids"], t["labels"], t["attention_mask"])]  # fmt: skip
+        return answers, prompts
+
+    plain, _ = targets(0.0)
+    swapped, prompts = targets(1.0)
+    assert swapped == targets(1.0)[0]  # deterministic in (seed, epoch, example)
+    changed = [i for i, (a, b) in enumerate(zip(plain, swapped)) if a != b]
+    assert len(changed) > len(train) // 2
+    for i in changed:  # the new target is read from the prompt, the old one is gone from it
+        assert swapped[i] in prompts[i]

@@ -59,6 +59,34 @@ def test_answer_loss_equals_full_logits_loss(tok):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_prompt_loss_weight_counts_prompt_tokens_by_their_share(tok):
+    lm = build_generator(ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64), tok)
+    a = encode_train(tok, "q?", PASSAGES, "FAH", 64)
+    b = encode_train(tok, "a longer question?", [], "b", 64)
+    batch = collate_train([a, b], tok.pad_token_id)  # b is right-padded: pads carry no loss
+    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
+    ).view(logits.shape[:2])
+    answer = batch["labels"][:, 1:] != IGNORE
+    real = batch["attention_mask"][:, 1:].bool()
+    prompt = real & ~answer
+    w = 0.25
+    ref = (ce[answer].sum() + w * ce[prompt].sum()) / (answer.sum() + w * prompt.sum())
+    for fused in (True, False):
+        torch.testing.assert_close(AnswerLossLM(lm, fused_loss=fused, prompt_loss_weight=w)(**batch), ref,
+                                   rtol=1e-5, atol=1e-5)
+    # 0 is the answer-only loss
+    torch.testing.assert_close(AnswerLossLM(lm, prompt_loss_weight=0.0)(**batch), ce[answer].mean(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_loss_weight_is_checked():
+    assert ModelConfig().prompt_loss_weight == 0.0  # the answer only, unless asked
+    with pytest.raises(ConfigError, match="model.prompt_loss_weight"):
+        ModelConfig(prompt_loss_weight=2.0)
+
+
 def test_deepspeed_config_derives_global_batch():
     ds = deepspeed_config(TrainerConfig(micro_batch_size=4, grad_accum=3, zero_stage=3, precision="bf16"), world_size=2)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3

@@ -35,6 +35,12 @@ class ExamplesConfig:
     # answer): RAFT's share of examples without the answer, so the reader learns what to do when retrieval
     # missed. Needs gold ids on the training examples; applied before distractors and gold injection.
     drop_gold_p: float = 0.0
+    # Counterfactual examples: probability that an example's answer is swapped, wherever it stands as a
+    # word in its question and shown passages, for another training answer of the same shape (letters,
+    # digits and punctuation alike, e.g. "KKD" for "LAX", "1,495" for "87"), which becomes the target.
+    # The swapped answer cannot be recalled, only read, so the generator learns to copy from the passages
+    # instead of memorising the training answers. Only examples whose answer appears in a shown passage.
+    swap_answer_p: float = 0.0
     answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
     # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
     summary_model: str = ""
@@ -54,7 +60,7 @@ class ExamplesConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
-        for key in ("distractor_p", "inject_gold_p", "drop_gold_p"):
+        for key in ("distractor_p", "inject_gold_p", "drop_gold_p", "swap_answer_p"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)}: must be a probability in [0, 1]")
         if not 0.0 < self.answer_max_frac <= 1.0:
@@ -233,6 +239,10 @@ class ModelConfig:
     chat_template: str = ""
     # Chunked linear + cross-entropy over answer tokens only, never materializing full logits.
     fused_loss: bool = True
+    # Also train on the prompt's tokens (passages, question), each counting this share of an answer
+    # token; 0 = the answer only. Random weights learn to carry a span forward from the passages' own
+    # text far sooner than from the few answer tokens alone; a pretrained model needs none of it.
+    prompt_loss_weight: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -240,6 +250,7 @@ class ModelConfig:
         one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position", "bpe_vocab_size"):
             at_least(f"model.{key}", getattr(self, key), 1)
+        require(0.0 <= self.prompt_loss_weight <= 1.0, f"model.prompt_loss_weight={self.prompt_loss_weight}: must be in [0, 1]")
         if not self.name_or_path:
             require(self.hidden_size % self.num_heads == 0,
                     f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")

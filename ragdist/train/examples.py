@@ -14,10 +14,12 @@ building it in a background thread (prefetch) or inline gives the same tensors:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,50 @@ def select_passages(
     return chosen
 
 
+def answer_shape(answer: str) -> str:
+    """The answer's form: runs of capitals, small letters and digits each as one symbol, the rest kept
+    ("Port Moresby" -> "Aa Aa", "7440-47-3" -> "9-9-9", "LIEA" -> "A")."""
+    out: list[str] = []
+    for ch in answer:
+        sym = "A" if ch.isupper() else "a" if ch.isalpha() else "9" if ch.isdigit() else ch
+        if not out or out[-1] != sym or sym not in "Aa9":
+            out.append(sym)
+    return "".join(out)
+
+
+class AnswerSwap:
+    """Counterfactual training examples (`trainer.examples.swap_answer_p`): an example's answer, replaced
+    as a whole word in its question and shown passages by another training answer of the same shape."""
+
+    def __init__(self, examples: Sequence[Any], p: float):
+        self.p = p
+        pools: dict[str, set[str]] = {}
+        for ex in examples:
+            for ans in ex.answers[:1]:
+                if ans.strip():
+                    pools.setdefault(answer_shape(ans), set()).add(ans)
+        self.pools = {shape: sorted(answers) for shape, answers in pools.items() if len(answers) > 1}
+
+    def __call__(
+        self, ex: Any, passages: list[dict[str, Any]], rng: np.random.Generator
+    ) -> tuple[str, str, list[dict[str, Any]]]:
+        """(question, answer, passages) of the example as shown: swapped with probability p."""
+        answer = ex.answers[0]
+        if not passages or rng.random() >= self.p:
+            return ex.question, answer, passages
+        pool = self.pools.get(answer_shape(answer))
+        word = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
+        if not pool or not any(word.search(p["text"]) for p in passages):
+            return ex.question, answer, passages
+        new = pool[int(rng.integers(len(pool)))]
+        if new == answer:
+            return ex.question, answer, passages
+        def swap(text: str) -> str:
+            return word.sub(lambda _: new, text)
+        shown = [dict(p, title=swap(str(p.get("title", ""))), text=swap(p["text"])) for p in passages]
+        return swap(ex.question), new, shown
+
+
 class Summarizer:
     """A frozen causal LM that condenses an example's passages into a short context (greedy, cached)."""
 
@@ -262,6 +308,17 @@ class ExampleBuilder:
         self.tokenizer, self.fmt, self.top_k, self.max_len = tokenizer, fmt, top_k, max_len
         self.retrieve, self.store, self.summarizer, self.seed = retrieve, store, summarizer, seed
         self.ids = TokenMemo(tokenizer)
+        self._swap: AnswerSwap | None = None
+
+    def swapper(self, examples: Sequence[Any] | Mapping[int, Any]) -> AnswerSwap | None:
+        """The answer swap (`swap_answer_p` > 0, passages shown), its pools built once from the first
+        training example list it is given (a source whose batches are drawn per position, as a dict,
+        gives its list first)."""
+        if self.fmt.swap_answer_p <= 0 or self.top_k == 0:
+            return None
+        if self._swap is None and not isinstance(examples, Mapping):
+            self._swap = AnswerSwap(examples, self.fmt.swap_answer_p)
+        return self._swap
 
     def fetch_k(self) -> int:
         """How many ranks to retrieve: top-k, plus the lower ranks that distractors, or the passages
@@ -317,6 +374,9 @@ class ExampleBuilder:
         t0 = time.perf_counter()
         batch = [examples[int(i)] for i in ids]
         chosen = fetched.chosen if fetched.chosen is not None else self.select(batch, ids, fetched.retrieved, epoch, train)
+        swap = self.swapper(examples) if train and self.fmt.aggregation != "summarize" else None
+        if swap is not None:
+            batch, chosen = self.swapped(swap, batch, ids, chosen, epoch)
         rows = self.encode(batch, chosen, fetched.summaries)
         tensors = collate_train(rows, self.tokenizer.pad_token_id)
         return Batch(
@@ -327,6 +387,18 @@ class ExampleBuilder:
             retrieval_s=fetched.retrieval_s,
             tokens=int(tensors["attention_mask"].sum()),
         )
+
+    def swapped(
+        self, swap: AnswerSwap, batch: Sequence[Any], ids: Sequence[int], chosen: list[list[dict[str, Any]]], epoch: int
+    ) -> tuple[list[Any], list[list[dict[str, Any]]]]:
+        out_batch, out_chosen = [], []
+        for ex, i, ps in zip(batch, ids, chosen):
+            # its own stream, keyed like selection's: the same swap on any thread, rank or resume
+            rng = np.random.default_rng([self.seed, epoch, int(i), 1])
+            question, answer, shown = swap(ex, ps, rng)
+            out_batch.append(ex if answer == ex.answers[0] else dataclasses.replace(ex, question=question, answers=[answer]))
+            out_chosen.append(shown)
+        return out_batch, out_chosen
 
     def encode(
         self, batch: Sequence[Any], chosen: list[list[dict[str, Any]]], summaries: list[str] | None = None

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 def build_module_fn(model_cfg: ModelConfig, tokenizer: Any, peft_cfg: PeftConfig) -> Callable[[], torch.nn.Module]:
     def wrap(base: torch.nn.Module) -> torch.nn.Module:
-        return AnswerLossLM(apply_peft(base, peft_cfg), fused_loss=model_cfg.fused_loss)
+        return AnswerLossLM(apply_peft(base, peft_cfg), fused_loss=model_cfg.fused_loss,
+                            prompt_loss_weight=model_cfg.prompt_loss_weight)
 
     if peft_cfg.method == "qlora":
         return lambda: wrap(load_quantized_generator(model_cfg))
@@ -213,7 +214,8 @@ def train_pretext(
         max_steps=pcfg.steps,
         lr=pcfg.lr or trainer.lr,
         warmup_steps=trainer.warmup_steps if pcfg.warmup_steps < 0 else pcfg.warmup_steps,
-        examples=dataclasses.replace(trainer.examples, drop_gold_p=pcfg.drop_gold_p),
+        # reading tasks' spans vary already: no answer swaps
+        examples=dataclasses.replace(trainer.examples, drop_gold_p=pcfg.drop_gold_p, swap_answer_p=0.0),
     )
     return train_variant(
         "pretext", [], trainer=stage, model_cfg=model_cfg, tokenizer=tokenizer, top_k=pcfg.top_k or top_k,

@@ -212,12 +212,19 @@ class AnswerLossLM(nn.Module):
     linear + cross-entropy kernel walks them. It needs the head's whole weight, so where an engine
     keeps only a shard of it outside the head's own forward (ZeRO-3), or the head is wrapped (LoRA on
     the head), the plain path runs instead.
+
+    `prompt_loss_weight` > 0 also trains on the prompt's own tokens (passages and question), each
+    counting that share of an answer token (OpenAI's legacy fine-tuning knob of the same name;
+    `train_on_inputs` elsewhere). A generator trained from random weights learns from the passages'
+    text how to carry a span forward, which the few answer tokens alone teach slowly; a pretrained
+    model needs none of it (0).
     """
 
-    def __init__(self, lm: nn.Module, fused_loss: bool = True):
+    def __init__(self, lm: nn.Module, fused_loss: bool = True, prompt_loss_weight: float = 0.0):
         super().__init__()
         self.lm = lm
         self.fused_loss = fused_loss
+        self.prompt_loss_weight = float(prompt_loss_weight)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         body = self.lm.get_decoder()
@@ -226,8 +233,19 @@ class AnswerLossLM(nn.Module):
         # position t predicts token t+1
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        h = hidden[:, :-1][keep]
-        y = targets[keep]
+        answer = self._head_loss(hidden[:, :-1][keep], targets[keep], hidden)
+        w = self.prompt_loss_weight
+        if w <= 0:
+            return answer
+        prompt = (~keep) & attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        n_answer, n_prompt = int(keep.sum()), int(prompt.sum())
+        if n_prompt == 0:
+            return answer
+        prompt_loss = self._head_loss(hidden[:, :-1][prompt], input_ids[:, 1:][prompt], hidden)
+        return (n_answer * answer + w * n_prompt * prompt_loss) / (n_answer + w * n_prompt)
+
+    def _head_loss(self, h: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the output head at hidden states `h` against targets `y`."""
         head = self.lm.get_output_embeddings()
         if h.shape[0] == 0:
             return hidden.sum() * 0.0

@@ -256,6 +256,8 @@ class MixedSource(_TaskSource):
                  *, seed: int = 0, lookahead: int = 1):  # fmt: skip
         self.examples, self.tasks, self.share, self.seed = examples, tasks, share, seed
         self.builder, self.lookahead = builder, lookahead
+        if builder is not None:
+            builder.swapper(examples)  # answer swaps draw from the QA answers, not the reading tasks'
         self.num_examples = len(examples)
 
     def examples_at(self, pos: Position) -> dict[int, QAExample]:
