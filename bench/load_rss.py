@@ -54,7 +54,7 @@ class _Probe:
 
     def __init__(self, builder):
         self.builder, self.peak = builder, 0
-        self.dtype, self.pretrained = builder.dtype, builder.pretrained
+        self.dtype, self.pretrained, self.hidden_size = builder.dtype, builder.pretrained, builder.hidden_size
 
     def __call__(self):
         module = self.builder()

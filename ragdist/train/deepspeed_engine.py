@@ -29,8 +29,30 @@ log = logging.getLogger(__name__)
 _TAG = "ds"
 
 
-def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
-    """Derived from the trainer config: the global batch is computed here, never written twice."""
+def zero3_sizes(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3's buffer sizes scaled to the model, as HF's "auto" values scale them (reduce and prefetch
+    buckets of ~hidden², small parameters kept whole below 10·hidden), plus a bound on the gathered
+    parameters: about two decoder layers (2 × 12·hidden²), never more than DeepSpeed's own 1e9. With
+    DeepSpeed's fixed defaults a model under ~5B parameters stays gathered whole from forward to
+    backward, and its 5e8-element gradient bucket alone can outweigh its partition, so ZeRO-3 then
+    holds more per rank than a full copy. Models of hidden ≥ 6,456 (70B class) keep DeepSpeed's
+    defaults for the gathered bound."""
+    h2 = hidden_size * hidden_size
+    live = min(10**9, 24 * h2)
+    return {
+        "reduce_bucket_size": h2,
+        "stage3_prefetch_bucket_size": int(0.9 * h2),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": live,
+        "stage3_max_reuse_distance": live,
+        # the optimizer steps (and DeepSpeed sizes a gradient buffer for) one sub-group at a time
+        "sub_group_size": min(10**9, 24 * h2),
+    }
+
+
+def deepspeed_config(cfg: TrainerConfig, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
+    """Derived from the trainer config: the global batch is computed here, never written twice.
+    `hidden_size` (the model's) sizes ZeRO-3's buckets (`zero3_sizes`)."""
     if cfg.ds_config:
         p = Path(cfg.ds_config)
         if not p.is_file():
@@ -58,6 +80,8 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if hidden_size:
+            zero.update(zero3_sizes(hidden_size))
     elif cfg.zero_stage in (1, 2) and not cuda:
         # The contiguous gradient buffer saves GPU memory from fragmenting; on CPU it is only an
         # extra copy of every gradient (~9% of a tiny model's step).
@@ -130,7 +154,7 @@ class DeepSpeedEngine:
         cfg = resolve_precision(cfg, build_module)
         self.cfg = cfg
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        ds_cfg = deepspeed_config(cfg, self.world_size)
+        ds_cfg = deepspeed_config(cfg, self.world_size, getattr(build_module, "hidden_size", None))
         self.zero3 = ds_cfg.get("zero_optimization", {}).get("stage") == 3
         self._hf_ds = zero3_loading(ds_cfg) if self.zero3 else None
         module = build_module()

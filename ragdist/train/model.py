@@ -190,6 +190,12 @@ class GeneratorBuilder:
         """Weights come from disk (a random model is built the same way on every rank instead)."""
         return bool(self.cfg.name_or_path)
 
+    @property
+    def hidden_size(self) -> int | None:
+        """The model's hidden size (from its config; no weights read), which sizes ZeRO-3's buffers."""
+        conf = _model_config(self.cfg, self.tokenizer)
+        return getattr(conf, "hidden_size", None) or getattr(getattr(conf, "text_config", None), "hidden_size", None)
+
     def __call__(self) -> nn.Module:
         return self.wrap(build_generator(self.cfg, self.tokenizer))
 
