@@ -100,7 +100,6 @@ def test_zero3_buffers_scale_with_the_model():
     # a ~100M model: buckets of hidden², about two layers gathered at once, not DeepSpeed's 5e8 / 1e9
     assert small["reduce_bucket_size"] == 768**2 and small["stage3_prefetch_bucket_size"] == int(0.9 * 768**2)
     assert small["stage3_max_live_parameters"] == small["stage3_max_reuse_distance"] == 24 * 768**2
-    assert small["stage3_param_persistence_threshold"] == 7680
     big = deepspeed_config(TrainerConfig(zero_stage=3), 2, hidden_size=8192)["zero_optimization"]
     assert big["stage3_max_live_parameters"] == big["sub_group_size"] == 10**9  # 70B class: DeepSpeed's own bound
     assert "reduce_bucket_size" not in deepspeed_config(TrainerConfig(zero_stage=2), 2, hidden_size=768)["zero_optimization"]

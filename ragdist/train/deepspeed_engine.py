@@ -31,8 +31,8 @@ _TAG = "ds"
 
 def zero3_sizes(hidden_size: int) -> dict[str, int]:
     """ZeRO-3's buffer sizes scaled to the model, as HF's "auto" values scale them (reduce and prefetch
-    buckets of ~hidden², small parameters kept whole below 10·hidden), plus a bound on the gathered
-    parameters: about two decoder layers (2 × 12·hidden²), never more than DeepSpeed's own 1e9. With
+    buckets of ~hidden²), plus a bound on the gathered parameters: about two decoder layers
+    (2 × 12·hidden²), never more than DeepSpeed's own 1e9. With
     DeepSpeed's fixed defaults a model under ~5B parameters stays gathered whole from forward to
     backward, and its 5e8-element gradient bucket alone can outweigh its partition, so ZeRO-3 then
     holds more per rank than a full copy. Models of hidden ≥ 6,456 (70B class) keep DeepSpeed's
@@ -42,7 +42,6 @@ def zero3_sizes(hidden_size: int) -> dict[str, int]:
     return {
         "reduce_bucket_size": h2,
         "stage3_prefetch_bucket_size": int(0.9 * h2),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
         "stage3_max_live_parameters": live,
         "stage3_max_reuse_distance": live,
         # the optimizer steps (and DeepSpeed sizes a gradient buffer for) one sub-group at a time
