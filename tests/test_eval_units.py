@@ -420,3 +420,54 @@ def test_evaluate_strategy_against_service(ray_cluster, tiny_snapshot, embedder)
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert m["retrieval_latency_s"]["p50"] > 0 and closed["metrics"]["retrieval_latency_s"] == {}
     assert math.isnan(closed["metrics"]["faithfulness"])
+
+
+# --------------------------------------------------------------------------- one passage at a time
+
+
+def test_sequential_model_is_asked_one_passage_at_a_time() -> None:
+    import torch
+
+    from ragdist.data.qa import QAExample
+    from ragdist.eval.generation import generate_scored
+    from ragdist.eval.runner import EvalConfig, generate_all, question_prompts
+    from ragdist.prompts import prompt_ids
+    from ragdist.train.config import ExamplesConfig
+    from ragdist.train.model import ModelConfig, build_generator, load_tokenizer
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    tok = load_tokenizer(mcfg)
+    model = build_generator(mcfg, tok).eval()
+    seq, concat = ExamplesConfig(aggregation="sequential"), ExamplesConfig()
+
+    exs = [QAExample(id=str(i), question=q, answers=["x"]) for i, q in enumerate(["Which code has Alpha?", "Where is Echo?"])]
+    ctxs = [RANKED[:3], RANKED[3:6]]
+    cfg = EvalConfig(max_new_tokens=4, batch_size=2, max_prompt_len=128)
+
+    # each answer's log-probability is the model's own, summed over the tokens it generated
+    prompt = prompt_ids(tok, exs[0].question, [RANKED[0]], 128, seq)
+    longer = prompt_ids(tok, exs[0].question, RANKED[:3], 128, concat)
+    assert len(longer) > len(prompt)
+    texts, counts, logps = generate_scored(model, tok, [longer, prompt], 4)  # `prompt` is left-padded
+    with torch.no_grad():
+        full = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        gen = full[0, len(prompt) :][: counts[1]]
+        logits = model(full[:, : len(prompt) + len(gen)]).logits[0, len(prompt) - 1 : -1].float()
+        want = torch.log_softmax(logits, -1).gather(1, gen[:, None]).sum().item()
+    assert logps[1] == pytest.approx(want, abs=1e-3) and want < 0
+
+    # sequential: one prompt per passage; the answer is the most probable of them, whatever the order
+    assert [len(question_prompts(tok, ex.question, c, 128, seq)) for ex, c in zip(exs, ctxs)] == [3, 3]
+    assert len(question_prompts(tok, exs[0].question, ctxs[0], 128, concat)) == 1
+    out = generate_all(model, tok, exs, ctxs, cfg, seq)
+    rev = generate_all(model, tok, exs, [c[::-1] for c in ctxs], cfg, seq)
+    assert out.predictions == rev.predictions
+    for ex, c, pred, n_prompt in zip(exs, ctxs, out.predictions, out.prompt_tokens):
+        prompts = question_prompts(tok, ex.question, c, 128, seq)
+        t, _, lp = generate_scored(model, tok, prompts, 4)
+        assert pred == t[int(np.argmax(lp))]
+        assert n_prompt == sum(len(p) for p in prompts)
+    # concat: one prompt holding every passage, as before
+    cat = generate_all(model, tok, exs, ctxs, cfg, concat)
+    assert cat.prompt_tokens == [len(prompt_ids(tok, ex.question, c, 128, concat)) for ex, c in zip(exs, ctxs)]

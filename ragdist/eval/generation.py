@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +54,16 @@ def from_main(make: Callable[[], Any]) -> Any:
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[str], list[int]]:
     """Greedy answers to one batch (left-padded, with the KV cache, on the model's device) and the
     number of tokens generated for each, up to and including the token that ended it."""
+    texts, counts, _ = generate_scored(model, tokenizer, prompts, max_new_tokens, scores=False)
+    return texts, counts
+
+
+@torch.no_grad()
+def generate_scored(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, scores: bool = True
+) -> tuple[list[str], list[int], list[float]]:
+    """`generate`, plus each answer's log-probability under the model (the sum over its generated
+    tokens, the one that ended it included; 0.0 each when `scores` is false)."""
     stops = stop_token_ids(tokenizer)
     batch = {k: v.to(model.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
     out = model.generate(
@@ -63,13 +73,21 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_token
         use_cache=True,
         eos_token_id=stops[0] if len(stops) == 1 else stops,
         pad_token_id=tokenizer.pad_token_id,
+        output_scores=scores,
+        return_dict_in_generate=True,
     )
-    texts, counts = [], []
-    for row in out[:, batch["input_ids"].shape[1] :].tolist():
-        n = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+    step_logp = (
+        model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
+        if scores
+        else None
+    )
+    texts, counts, logps = [], [], []
+    for i, row in enumerate(out.sequences[:, batch["input_ids"].shape[1] :].tolist()):
+        n = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         counts.append(n)
         texts.append(tokenizer.decode(row[:n], skip_special_tokens=True).strip())
-    return texts, counts
+        logps.append(float(step_logp[i, :n].sum()) if step_logp is not None else 0.0)
+    return texts, counts, logps
 
 
 @dataclass
@@ -77,10 +95,12 @@ class Generated:
     texts: list[str]
     generated_tokens: list[int]
     seconds_per_q: list[float]  # each prompt's share of its batch's generation time
+    logprobs: list[float] = field(default_factory=list)  # with scores=True: each answer's log-probability
 
 
 def generate_sharded(
-    model: Any, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int
+    model: Any, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+    scores: bool = False,
 ) -> Generated:
     """Answers to `prompts`, in their order, on every rank. Collective when a process group is up.
 
@@ -89,19 +109,20 @@ def generate_sharded(
     the answers back in order.
     """
     rank, n = world()
-    mine: list[tuple[int, list[str], list[int], float]] = []
+    mine: list[tuple[int, list[str], list[int], float, list[float]]] = []
     for start in list(range(0, len(prompts), batch_size))[rank::n]:
         batch = prompts[start : start + batch_size]
         t0 = time.perf_counter()
-        texts, counts = generate(model, tokenizer, batch, max_new_tokens)
-        mine.append((start, texts, counts, (time.perf_counter() - t0) / len(batch)))
+        texts, counts, logps = generate_scored(model, tokenizer, batch, max_new_tokens, scores=scores)
+        mine.append((start, texts, counts, (time.perf_counter() - t0) / len(batch), logps))
     parts: list[Any] = [mine]
     if n > 1:
         parts = [None] * n
         dist.all_gather_object(parts, mine)
     out = Generated([], [], [])
-    for _, texts, counts, dt in sorted((item for part in parts for item in part), key=lambda item: item[0]):
+    for _, texts, counts, dt, logps in sorted((item for part in parts for item in part), key=lambda item: item[0]):
         out.texts += texts
         out.generated_tokens += counts
         out.seconds_per_q += [dt] * len(texts)
+        out.logprobs += logps
     return out

@@ -18,7 +18,7 @@ import numpy as np
 from ragdist.data.qa import QAExample
 from ragdist.eval import metrics as M
 from ragdist.eval.config import STRATEGIES, EvalConfig  # noqa: F401 - the schema lives in eval/config.py
-from ragdist.eval.generation import generate, generate_sharded, is_main
+from ragdist.eval.generation import generate, generate_scored, generate_sharded, is_main
 from ragdist.eval.robustness import (
     Passage,
     insert_at_random,
@@ -51,13 +51,41 @@ def generate_all(
     cfg: EvalConfig,
     fmt: Any | None = None,
 ) -> Generations:
-    """Every question's answer, generated in batches over all ranks (collective under a process group)."""
+    """Every question's answer, generated in batches over all ranks (collective under a process group).
+
+    A model trained on one passage per example (`trainer.examples.aggregation=sequential`) is asked
+    the same way: one prompt per passage, and the question's answer is the one the model gives the
+    highest probability (RAG-Sequence's choice under a uniform prior over the passages, so the order
+    of the passages does not matter). Its token and time figures are the sums over those prompts.
+    """
     ctxs = contexts if contexts is not None else [[] for _ in examples]
-    prompts = [prompt_ids(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt) for ex, ctx in zip(examples, ctxs)]
+    groups = [question_prompts(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt) for ex, ctx in zip(examples, ctxs)]
+    flat = [p for g in groups for p in g]
+    sequential = len(flat) > len(groups)
     out = generate_sharded(
-        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        model, tokenizer, flat, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, scores=sequential
     )
-    return Generations(out.texts, [len(p) for p in prompts], out.generated_tokens, out.seconds_per_q)
+    gen = Generations([], [], [], [])
+    at = 0
+    for g in groups:
+        span = range(at, at + len(g))
+        at += len(g)
+        best = max(span, key=lambda j: (out.logprobs[j], -j)) if sequential else span[0]
+        gen.predictions.append(out.texts[best])
+        gen.prompt_tokens.append(sum(len(flat[j]) for j in span))
+        gen.generated_tokens.append(sum(out.generated_tokens[j] for j in span))
+        gen.seconds_per_q.append(sum(out.seconds_per_q[j] for j in span))
+    return gen
+
+
+def question_prompts(
+    tokenizer: Any, question: str, passages: Sequence[Passage], budget: int, fmt: Any | None = None
+) -> list[list[int]]:
+    """The prompt(s) one question is asked with: one, holding every passage; or, for a model trained
+    with `aggregation=sequential`, one per passage (one without any when there are none)."""
+    if getattr(fmt, "aggregation", "concat") == "sequential" and len(passages) > 1:
+        return [prompt_ids(tokenizer, question, [p], budget, fmt) for p in passages]
+    return [prompt_ids(tokenizer, question, passages, budget, fmt)]
 
 
 def em_of(examples: Sequence[QAExample], predictions: Sequence[str]) -> float:
@@ -89,11 +117,12 @@ def probe_latency(
         t0 = time.perf_counter()
         ctx = retrieve([ex.question], top_k)[0] if retrieve is not None and top_k > 0 else []
         t1 = time.perf_counter()
-        generate(
+        generate_scored(
             model,
             tokenizer,
-            [prompt_ids(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt)],
+            question_prompts(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt),
             cfg.max_new_tokens,
+            scores=getattr(fmt, "aggregation", "concat") == "sequential",
         )
         t2 = time.perf_counter()
         if j < len(warm):
