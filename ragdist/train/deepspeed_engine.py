@@ -32,11 +32,11 @@ _TAG = "ds"
 def zero3_sizes(hidden_size: int) -> dict[str, int]:
     """ZeRO-3's buffer sizes scaled to the model, as HF's "auto" values scale them (reduce and prefetch
     buckets of ~hidden²), plus a bound on the gathered parameters: about two decoder layers
-    (2 × 12·hidden²), never more than DeepSpeed's own 1e9. With
-    DeepSpeed's fixed defaults a model under ~5B parameters stays gathered whole from forward to
-    backward, and its 5e8-element gradient bucket alone can outweigh its partition, so ZeRO-3 then
-    holds more per rank than a full copy. Models of hidden ≥ 6,456 (70B class) keep DeepSpeed's
-    defaults for the gathered bound."""
+    (2 × 12·hidden²), never more than DeepSpeed's own 1e9. DeepSpeed's fixed defaults (1e9 parameters
+    live, reused within 1e9) keep a model under ~0.5-1B parameters gathered whole from forward to
+    backward, and its 5e8-element gradient bucket alone can outweigh the partition of such a model,
+    so ZeRO-3 then holds more per rank than a full copy. Models of hidden ≥ 6,456 (70B class) keep
+    DeepSpeed's defaults for the gathered bound."""
     h2 = hidden_size * hidden_size
     live = min(10**9, 24 * h2)
     return {
