@@ -117,13 +117,8 @@ def probe_latency(
         t0 = time.perf_counter()
         ctx = retrieve([ex.question], top_k)[0] if retrieve is not None and top_k > 0 else []
         t1 = time.perf_counter()
-        generate_scored(
-            model,
-            tokenizer,
-            question_prompts(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt),
-            cfg.max_new_tokens,
-            scores=getattr(fmt, "aggregation", "concat") == "sequential",
-        )
+        prompts = question_prompts(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt)
+        generate_scored(model, tokenizer, prompts, cfg.max_new_tokens, scores=len(prompts) > 1)
         t2 = time.perf_counter()
         if j < len(warm):
             continue

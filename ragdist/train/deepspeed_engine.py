@@ -45,7 +45,7 @@ def zero3_sizes(hidden_size: int) -> dict[str, int]:
         "stage3_max_live_parameters": live,
         "stage3_max_reuse_distance": live,
         # the optimizer steps (and DeepSpeed sizes a gradient buffer for) one sub-group at a time
-        "sub_group_size": min(10**9, 24 * h2),
+        "sub_group_size": live,
     }
 
 
