@@ -430,7 +430,7 @@ def test_sequential_model_is_asked_one_passage_at_a_time() -> None:
 
     from ragdist.data.qa import QAExample
     from ragdist.eval.generation import generate_scored
-    from ragdist.eval.runner import EvalConfig, generate_all, question_prompts
+    from ragdist.eval.runner import EvalConfig, generate_all, passage_prior, question_prompts
     from ragdist.prompts import prompt_ids
     from ragdist.train.config import ExamplesConfig
     from ragdist.train.model import ModelConfig, build_generator, load_tokenizer
@@ -468,6 +468,25 @@ def test_sequential_model_is_asked_one_passage_at_a_time() -> None:
         t, _, lp = generate_scored(model, tok, prompts, 4)
         assert pred == t[int(np.argmax(lp))]
         assert n_prompt == sum(len(p) for p in prompts)
+    # the retriever's posterior weighs each passage's answer: log p(z|q) + log p(y|z,q)
+    scored = [[dict(p, score=s) for p, s in zip(c, (0.50, 0.52, 0.45))] for c in ctxs]
+    prior = passage_prior(scored[0], cfg)
+    z = np.array([0.50, 0.52, 0.45]) / cfg.retriever_temperature
+    assert prior == pytest.approx(z - np.log(np.exp(z).sum()))
+    assert np.exp(prior).sum() == pytest.approx(1.0)
+    assert passage_prior(ctxs[0], cfg).tolist() == [0, 0, 0]  # no scores: uniform
+    flat = EvalConfig(max_new_tokens=4, batch_size=2, max_prompt_len=128, passage_prior="uniform")
+    assert passage_prior(scored[0], flat).tolist() == [0, 0, 0]
+    weighed = generate_all(model, tok, exs, scored, cfg, seq)
+    assert weighed.predictions == generate_all(model, tok, exs, [c[::-1] for c in scored], cfg, seq).predictions
+    for ex, c, pred in zip(exs, scored, weighed.predictions):
+        t, _, lp = generate_scored(model, tok, question_prompts(tok, ex.question, c, 128, seq), 4)
+        assert pred == t[int(np.argmax(np.array(lp) + passage_prior(c, cfg)))]
+    # a sharp enough posterior decides alone: the best-scored passage's answer
+    sharp = [[dict(p, score=10.0 * (j == 2)) for j, p in enumerate(c)] for c in ctxs]
+    for ex, c, pred in zip(exs, sharp, generate_all(model, tok, exs, sharp, cfg, seq).predictions):
+        assert pred == generate_scored(model, tok, question_prompts(tok, ex.question, c[2:], 128, seq), 4)[0][0]
+    assert generate_all(model, tok, exs, scored, flat, seq).predictions == out.predictions
     # concat: one prompt holding every passage, as before
     cat = generate_all(model, tok, exs, ctxs, cfg, concat)
     assert cat.prompt_tokens == [len(prompt_ids(tok, ex.question, c, 128, concat)) for ex, c in zip(exs, ctxs)]

@@ -38,6 +38,11 @@ class EvalConfig:
     distractors: list[int] = field(default_factory=lambda: [1, 3])  # passages added for the robustness EM
     distractor_source: str = "hard"  # hard (ranked below top-k, not answering) | random (from the corpus)
     order_checks: bool = True  # EM with the passage order reversed and shuffled
+    # A model trained with aggregation=sequential reads each passage alone; its answers are weighed by
+    # p(passage | question): retriever = softmax(dense score / retriever_temperature) (0.05: the
+    # scale 20 the MiniLM embedder was trained with), uniform = every passage alike.
+    passage_prior: str = "retriever"
+    retriever_temperature: float = 0.05
     latency_samples: int = 32  # questions timed one at a time (batch size 1), per strategy
     latency_warmup: int = 2  # untimed questions before those
     nli_model: str = ""  # local HF sequence-classification dir: model-based faithfulness ("" = off)
@@ -51,6 +56,8 @@ class EvalConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         require(not unknown, f"eval.strategies: unknown {unknown} (known: {STRATEGIES})")
         one_of("eval.distractor_source", self.distractor_source, ("hard", "random"))
+        one_of("eval.passage_prior", self.passage_prior, ("retriever", "uniform"))
+        require(self.retriever_temperature > 0, f"eval.retriever_temperature={self.retriever_temperature}: must be positive")
         for key in ("max_new_tokens", "batch_size", "nproc", "max_prompt_len", "nli_batch_size", "max_questions",
                     "retrieval_batch_size"):
             at_least(f"eval.{key}", getattr(self, key), 1)

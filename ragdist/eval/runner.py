@@ -54,9 +54,11 @@ def generate_all(
     """Every question's answer, generated in batches over all ranks (collective under a process group).
 
     A model trained on one passage per example (`trainer.examples.aggregation=sequential`) is asked
-    the same way: one prompt per passage, and the question's answer is the one the model gives the
-    highest probability (RAG-Sequence's choice under a uniform prior over the passages, so the order
-    of the passages does not matter). Its token and time figures are the sums over those prompts.
+    the same way: one prompt per passage, and the question's answer is the one with the highest
+    log p(passage | question) + log p(answer | passage, question), RAG-Sequence's choice. The first
+    term is the retriever's softmax over the passages' scores at `eval.retriever_temperature`
+    (`eval.passage_prior=retriever`, where every passage carries a dense score), else uniform. Either
+    way the order of the passages does not matter. Its token and time figures are the sums over the prompts.
     """
     ctxs = contexts if contexts is not None else [[] for _ in examples]
     groups = [question_prompts(tokenizer, ex.question, ctx, cfg.max_prompt_len, fmt) for ex, ctx in zip(examples, ctxs)]
@@ -67,15 +69,31 @@ def generate_all(
     )
     gen = Generations([], [], [], [])
     at = 0
-    for g in groups:
+    for g, ctx in zip(groups, ctxs):
         span = range(at, at + len(g))
         at += len(g)
-        best = max(span, key=lambda j: (out.logprobs[j], -j)) if sequential else span[0]
+        if sequential and len(g) > 1:
+            prior = passage_prior(ctx, cfg) if len(ctx) == len(g) else np.zeros(len(g))
+            best = max(span, key=lambda j: (out.logprobs[j] + prior[j - span.start], -j))
+        else:
+            best = span[0]
         gen.predictions.append(out.texts[best])
         gen.prompt_tokens.append(sum(len(flat[j]) for j in span))
         gen.generated_tokens.append(sum(out.generated_tokens[j] for j in span))
         gen.seconds_per_q.append(sum(out.seconds_per_q[j] for j in span))
     return gen
+
+
+def passage_prior(passages: Sequence[Passage], cfg: EvalConfig) -> np.ndarray:
+    """log p(passage | question) over one question's passages: the retriever's softmax over their
+    dense scores at `cfg.retriever_temperature`; uniform (zeros) when `cfg.passage_prior=uniform` or
+    when a passage has no dense score of its own (BM25, hybrid, re-ranked, a random distractor)."""
+    scores = [p.get("score") for p in passages]
+    if cfg.passage_prior != "retriever" or any(s is None or "rerank_score" in p for s, p in zip(scores, passages)):
+        return np.zeros(len(passages))
+    z = np.asarray(scores, dtype=np.float64) / cfg.retriever_temperature
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
 
 
 def question_prompts(

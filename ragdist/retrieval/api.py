@@ -43,7 +43,7 @@ class Retriever(Protocol):
 class SearchResult:
     scores: np.ndarray  # (nq, k) float32, best first
     ids: np.ndarray  # (nq, k) int64 global row ids, -1 where fewer than k exist
-    passages: list[list[Passage]]  # per query, the passages in rank order
+    passages: list[list[Passage]]  # per query, the passages in rank order, each with its `score`
     partial: bool = False  # some shard answered from no replica: results cover the other shards only
     missing_shards: list[int] = field(default_factory=list)
     version: str = ""

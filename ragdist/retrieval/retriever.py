@@ -150,7 +150,13 @@ class ShardedRetriever:
         lex = None
         if lexical_k > 0:
             lex = merge_topk([(r["LS"], r["LG"]) for r in ordered], int(lexical_k), True, len(q))[1]
-        rows = [[payload[int(g)] for g in row if g >= 0] for row in ids] if passages else []
+        # Each passage carries its score (a copy: the payload dicts are shared), which evaluation turns
+        # into the retriever's p(passage | question) when a model reads the passages one at a time.
+        rows = (
+            [[dict(payload[int(g)], score=float(s)) for g, s in zip(row, srow) if g >= 0] for row, srow in zip(ids, scores)]
+            if passages
+            else []
+        )
         self.m.call(len(q), time.perf_counter() - t0)
         self.m.by_version[v.vid] += len(q)
         self.last_partial = bool(down)
