@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 # second `ninja` ahead of the venv's, DeepSpeed rebuilds its C++ ops whenever the two alternate.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install test demo joint-demo compare lint bench gpu-check clean
+.PHONY: install test demo demo-elements joint-demo compare lint bench gpu-check clean
 
 $(BIN)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install
 demo: install
 	$(BIN)/ragdist-index +experiment=demo
 	$(BIN)/ragdist-train +experiment=demo hydra.run.dir=runs/demo
+
+# The demo's recipe on the second built-in dataset (chemical elements, from the mendeleev package).
+demo-elements: install
+	$(BIN)/ragdist-index +experiment=demo_elements
+	$(BIN)/ragdist-train +experiment=demo_elements hydra.run.dir=runs/demo-elements
 
 # Joint retriever training with each loss, from the demo's generator (run `make demo` first), then
 # one table of recall@k before → after.

@@ -127,6 +127,12 @@ def test_vectors_path_equals_text_path(ray_cluster, tiny_snapshot, embedder, hyb
         ]
         text = r.retrieve(qs, 4)
         assert counting.texts == len(qs)
+        if hybrid:  # fused ranks have no dense score to carry
+            assert not any("score" in p for ps in text for p in ps)
+        else:  # each dense passage carries its score, best first (evaluation's p(passage | question))
+            got = [[p["score"] for p in ps] for ps in text]
+            assert got == pytest.approx(r.search(embedder.encode(qs), 4).scores.tolist(), abs=1e-5)
+            assert all(g == sorted(g, reverse=True) for g in got)
         hits = r.stats["cache_hits"]
         vecs = embedder.encode(qs)
         assert r.retrieve(qs, 4, vectors=vecs) == text

@@ -112,6 +112,38 @@ def test_sequential_makes_one_example_per_passage(tok):
     assert (answers > 0).all()
 
 
+def test_sequential_sample_draws_one_passage_from_the_retrievers_posterior(tok):
+    from ragdist.train.examples import passage_log_posterior
+
+    scores = (0.60, 0.55, 0.40)
+    ret = [dict(P(20 + j), score=s) for j, s in enumerate(scores)]
+    z = np.array(scores) / 0.05
+    want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert np.exp(passage_log_posterior(ret, 0.05)) == pytest.approx(want)
+    assert passage_log_posterior([P(1), *ret], 0.05) is None  # a passage without a score: no posterior
+
+    fmt = ExamplesConfig(aggregation="sequential", sequential_rows="sample")
+    draws = [select_passages(ret, top_k=3, gold_ids=[], fmt=fmt, rng=np.random.default_rng(s), store=None, train=True)
+             for s in range(3000)]  # fmt: skip
+    assert all(len(d) == 1 for d in draws)
+    freq = np.array([sum(d[0]["id"] == p["id"] for d in draws) for p in ret]) / len(draws)
+    assert freq == pytest.approx(want, abs=0.03)
+    assert select_passages(ret, top_k=3, gold_ids=[], fmt=fmt, rng=np.random.default_rng(0), store=None,
+                           train=False) == ret  # evaluation reads every passage  # fmt: skip
+    # no scores: uniform; one row per example, as with one passage, each with a passage and the answer
+    plain = [select_passages(top(3), top_k=3, gold_ids=[], fmt=fmt, rng=np.random.default_rng(s), store=None,
+                             train=True)[0]["id"] for s in range(600)]  # fmt: skip
+    assert {i: plain.count(i) for i in set(plain)} == pytest.approx({p["id"]: 200 for p in top(3)}, abs=45)
+    b = ExampleBuilder(tok, fmt, top_k=3, max_len=128, retrieve=ranked)
+    batch = b.build(EXAMPLES, [0, 1], epoch=0)
+    assert batch.tensors["input_ids"].shape[0] == 2 and [len(ps) for ps in batch.passage_ids] == [1, 1]
+    assert all(tok.decode(r).count("passage") == 1 for r in batch.tensors["input_ids"])
+    with pytest.raises(ConfigError, match="sequential_rows"):
+        ExamplesConfig(sequential_rows="some")
+    with pytest.raises(ConfigError, match="passage_temperature"):
+        ExamplesConfig(passage_temperature=0)
+
+
 def test_summarize_puts_the_generated_summary_before_the_question(tok):
     lm = build_generator(ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64), tok)
     fmt = ExamplesConfig(aggregation="summarize", shuffle_passages=False, summary_max_new_tokens=5)

@@ -28,6 +28,7 @@ from ragdist.eval.robustness import (
     reorder,
 )
 from ragdist.prompts import prompt_ids
+from ragdist.train.examples import passage_log_posterior
 
 Retrieve = Callable[[list[str], int], list[list[Passage]]]
 
@@ -88,12 +89,10 @@ def passage_prior(passages: Sequence[Passage], cfg: EvalConfig) -> np.ndarray:
     """log p(passage | question) over one question's passages: the retriever's softmax over their
     dense scores at `cfg.retriever_temperature`; uniform (zeros) when `cfg.passage_prior=uniform` or
     when a passage has no dense score of its own (BM25, hybrid, re-ranked, a random distractor)."""
-    scores = [p.get("score") for p in passages]
-    if cfg.passage_prior != "retriever" or any(s is None or "rerank_score" in p for s, p in zip(scores, passages)):
+    if cfg.passage_prior != "retriever" or any("rerank_score" in p for p in passages):
         return np.zeros(len(passages))
-    z = np.asarray(scores, dtype=np.float64) / cfg.retriever_temperature
-    z -= z.max()
-    return z - np.log(np.exp(z).sum())
+    logp = passage_log_posterior(passages, cfg.retriever_temperature)
+    return logp if logp is not None else np.zeros(len(passages))
 
 
 def question_prompts(

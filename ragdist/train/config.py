@@ -25,6 +25,12 @@ class ExamplesConfig:
     # After the passages; fields: {question}. The answer follows it after one space.
     question_template: str = QUESTION_TEMPLATE
     aggregation: str = "concat"  # concat | sequential | summarize
+    # sequential: the rows one training example gives. all = one per shown passage (RA-DIT); sample = one
+    # passage drawn from the retriever's posterior softmax(score / passage_temperature) over those shown
+    # (uniform where one has no dense score): the cost of one passage per example, the passages weighed
+    # as evaluation weighs them (eval.passage_prior=retriever).
+    sequential_rows: str = "all"
+    passage_temperature: float = 0.05
     shuffle_passages: bool = True  # seeded shuffle while training; eval keeps rank order
     distractor_p: float = 0.0  # per passage slot, probability that a distractor replaces / joins it
     distractor_mode: str = "replace"  # replace | add
@@ -54,6 +60,7 @@ class ExamplesConfig:
         _check_fields(self.summary_prompt, {"passages"}, {"passages"}, "summary_prompt")
         choices = {
             "aggregation": ("concat", "sequential", "summarize"),
+            "sequential_rows": ("all", "sample"),
             "distractor_mode": ("replace", "add"),
             "distractor_source": ("lower_ranks", "random"),
         }
@@ -65,6 +72,8 @@ class ExamplesConfig:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)}: must be a probability in [0, 1]")
         if not 0.0 < self.answer_max_frac <= 1.0:
             raise ConfigError(f"trainer.examples.answer_max_frac={self.answer_max_frac}: must be in (0, 1]")
+        if self.passage_temperature <= 0:
+            raise ConfigError(f"trainer.examples.passage_temperature={self.passage_temperature}: must be positive")
         if self.over_retrieve < 0:
             raise ConfigError(f"trainer.examples.over_retrieve={self.over_retrieve}: must not be negative")
 

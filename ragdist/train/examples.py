@@ -131,6 +131,17 @@ def _is_gold(p: dict[str, Any], gold: set[str]) -> bool:
     return str(p.get("id")) in gold or str(p.get("doc_id")) in gold
 
 
+def passage_log_posterior(passages: Sequence[dict[str, Any]], temperature: float) -> np.ndarray | None:
+    """log p(passage | question) over passages: log-softmax of their dense `score`s / temperature; None
+    when one has no score (BM25 or hybrid results, an injected gold passage, a random distractor)."""
+    scores = [p.get("score") for p in passages]
+    if not scores or any(s is None for s in scores):
+        return None
+    z = np.asarray(scores, dtype=np.float64) / temperature
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
+
+
 def select_passages(
     retrieved: Sequence[dict[str, Any]],
     *,
@@ -176,6 +187,10 @@ def select_passages(
                 chosen = chosen[:-1] + [found] if len(chosen) >= top_k else chosen + [found]
     if fmt.shuffle_passages and len(chosen) > 1:
         chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    if fmt.aggregation == "sequential" and fmt.sequential_rows == "sample" and len(chosen) > 1:
+        logp = passage_log_posterior(chosen, fmt.passage_temperature)
+        probs = np.exp(logp) if logp is not None else None  # None: uniform
+        chosen = [chosen[int(rng.choice(len(chosen), p=probs))]]
     return chosen
 
 
