@@ -131,7 +131,7 @@ def test_vectors_path_equals_text_path(ray_cluster, tiny_snapshot, embedder, hyb
             assert not any("score" in p for ps in text for p in ps)
         else:  # each dense passage carries its score, best first (evaluation's p(passage | question))
             got = [[p["score"] for p in ps] for ps in text]
-            assert got == pytest.approx(r.search(embedder.encode(qs), 4).scores.tolist(), abs=1e-5)
+            np.testing.assert_allclose(np.array(got), r.search(embedder.encode(qs), 4).scores, atol=1e-5)
             assert all(g == sorted(g, reverse=True) for g in got)
         hits = r.stats["cache_hits"]
         vecs = embedder.encode(qs)
