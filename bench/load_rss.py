@@ -1,7 +1,7 @@
 """Peak memory per rank while a pretrained model loads into the training engine: ZeRO-3 (weights
 partitioned as they load) vs a full copy of the model on every rank.
 
-A random LlamaConfig model (~110M parameters at the defaults, fp32) is written with save_pretrained;
+A random LlamaConfig model (~110M parameters at the defaults, fp32 unless --dtype) is written with save_pretrained;
 2 ranks on this node build the training module from that directory through ragdist's engine build
 path (`build_engine` with a `GeneratorBuilder`, model.name_or_path=<dir>), in these modes:
 
@@ -17,9 +17,11 @@ the memory-mapped checkpoint are shared between ranks and reclaimable, anonymous
 then the peak RSS once one training step has made gradients and optimizer state exist.
 Each figure is the increase over the rank's RSS just before loading (interpreter, torch, DeepSpeed:
 the same in every mode). Modes are interleaved round by round; medians over rounds. The last line is
-one JSON object:
+one JSON object. `--dtype bf16` saves the checkpoint in bf16 and loads it in bf16 (with
+`trainer.precision=auto`, bf16 mixed precision), as a pretrained model is usually shipped and trained:
 
     python bench/load_rss.py --rounds 3
+    python bench/load_rss.py --rounds 3 --dtype bf16
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class _Probe:
         return self.builder.on_meta(*args)
 
 
-def rank_main(mode: str, model_dir: str, out: str) -> None:
+def rank_main(mode: str, model_dir: str, out: str, dtype: str = "fp32") -> None:
     import torch
     import torch.distributed as dist
 
@@ -84,7 +86,7 @@ def rank_main(mode: str, model_dir: str, out: str) -> None:
         engine="fsdp" if mode == "fsdp" else "deepspeed", zero_stage=3 if mode == "zero3" else 0,
         micro_batch_size=1, omp_threads=1, cpu_collectives="gloo",
     )  # fmt: skip
-    builder = _Probe(GeneratorBuilder(ModelConfig(name_or_path=model_dir), None, lambda lm: AnswerLossLM(lm)))
+    builder = _Probe(GeneratorBuilder(ModelConfig(name_or_path=model_dir, dtype=dtype), None, lambda lm: AnswerLossLM(lm)))
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM to the current RSS
@@ -132,9 +134,11 @@ def rank_main(mode: str, model_dir: str, out: str) -> None:
     rdist.shutdown()
 
 
-def save_model(path: Path, hidden: int, layers: int, vocab: int) -> int:
+def save_model(path: Path, hidden: int, layers: int, vocab: int, dtype: str = "fp32") -> int:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ragdist.train.model import torch_dtype
 
     conf = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
@@ -142,7 +146,7 @@ def save_model(path: Path, hidden: int, layers: int, vocab: int) -> int:
         max_position_embeddings=512, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_config(conf, dtype=torch.float32).to(torch_dtype(dtype))
     lm.save_pretrained(path)
     return sum(p.numel() for p in lm.parameters())
 
@@ -154,8 +158,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="model.dtype: the checkpoint is saved in it and loaded in it (trainer.precision=auto)")
     ap.add_argument("--model-dir", default="", help="an existing saved model instead of a new random one")
-    ap.add_argument("--rank-main", nargs=3, metavar=("MODE", "MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--rank-main", nargs=4, metavar=("MODE", "MODEL_DIR", "OUT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_main:
         rank_main(*args.rank_main)
@@ -166,14 +172,14 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     with tempfile.TemporaryDirectory(prefix="ragdist-load-rss-") as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "model"
-        n_params = None if args.model_dir else save_model(model_dir, args.hidden, args.layers, args.vocab)
+        n_params = None if args.model_dir else save_model(model_dir, args.hidden, args.layers, args.vocab, args.dtype)
         size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
         runs: dict[str, list[list[dict]]] = {m: [] for m in modes}
         for r in range(args.rounds):
             for mode in modes:
                 out = Path(tmp) / f"{mode}-{r}.json"
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--rank-main", mode, str(model_dir), str(out)]
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--rank-main", mode, str(model_dir), str(out), args.dtype]
                 rc = launch_local(cmd, 2, env=env)
                 if rc != 0:
                     raise SystemExit(f"{mode}: ranks failed with status {rc}")
@@ -189,6 +195,7 @@ def main() -> None:
         "model_params": n_params,
         "checkpoint_mib": size / 2**20,
         "ranks": 2,
+        "dtype": args.dtype,
         "rounds": args.rounds,
         "unit": "MiB over the rank's RSS before loading (median over rounds)",
     }
