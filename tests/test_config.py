@@ -28,6 +28,14 @@ def test_every_experiment_composes(exp):
     assert isinstance(as_object(cfg), RunConfig)
 
 
+@pytest.mark.parametrize("exp", ["demo", "demo_elements"])
+def test_the_demos_read_three_passages_after_a_pretext_stage(exp):
+    obj = as_object(compose([f"+experiment={exp}", "run_dir=/tmp/x"]))
+    assert obj.retrieval.top_k == 3
+    assert obj.trainer.examples.aggregation == "sequential"
+    assert obj.trainer.pretext.steps > 0 and "rag" in obj.trainer.variants and "closed_book" in obj.trainer.variants
+
+
 def test_unknown_key_fails_at_compose_naming_it():
     with pytest.raises(ConfigCompositionException, match="num_shard"):
         compose(["index.num_shard=4"])
