@@ -146,7 +146,7 @@ def save_model(path: Path, hidden: int, layers: int, vocab: int, dtype: str = "f
         max_position_embeddings=512, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(conf, dtype=torch.float32).to(torch_dtype(dtype))
+    lm = AutoModelForCausalLM.from_config(conf, dtype=torch_dtype(dtype))
     lm.save_pretrained(path)
     return sum(p.numel() for p in lm.parameters())
 
