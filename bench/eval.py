@@ -117,7 +117,7 @@ def main() -> None:
     walls: dict[str, list[float]] = {m: [] for m in modes}
     preds: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="ragdist-bench-eval-") as tmp:
-        mcfg = as_object(compose(["model=tiny"]).model)
+        mcfg = as_object(compose(["model=tiny", "recipe=plain"]).model)
         tok = load_tokenizer(mcfg)
         model_dir = save_pretrained_atomic(build_generator(mcfg, tok), tok, Path(tmp) / "model")
         _examples(args.questions)  # materialize the data once, before timing

@@ -34,7 +34,7 @@ def one_run(args: argparse.Namespace, out: Path, refresh: bool, seed: int) -> di
     from ragdist.recipes.training import launch_training, prepare, stop_owned_service
 
     overrides = [
-        "joint=lsr", "joint.side=both", "trainer.variants=[rag]", f"trainer.max_steps={args.steps}",
+        "recipe=plain", "joint=lsr", "joint.side=both", "trainer.variants=[rag]", f"trainer.max_steps={args.steps}",
         f"trainer.micro_batch_size={args.batch}", f"trainer.log_every={args.steps}", "trainer.warmup_steps=0",
         f"trainer.seed={seed}", f"data.num_entities={args.entities}", f"index.root={out / 'index'}",
         f"joint.refresh_nice={args.nice}", f"joint.refresh_threads={args.threads}", f"joint.refresh_workers={args.workers}",

@@ -88,7 +88,7 @@ def main() -> int:
     else:
         data += [f"data.train={paths['train']}", f"data.eval={paths['eval']}"]
     overrides = [
-        "data=elements", *data, "data.max_eval=null", "index.num_shards=2", f"index.root={ROOT / 'indexes' / 'elements'}",
+        "recipe=plain", "data=elements", *data, "data.max_eval=null", "index.num_shards=2", f"index.root={ROOT / 'indexes' / 'elements'}",
         "joint=dpr", f"joint.side={args.side}", f"joint.supervised.steps={args.steps}", "trainer.nproc=2",
         "trainer.variants=[retriever]", f"trainer.log_every={max(1, args.steps // 6)}",
         f"joint.refresh_every={args.refresh_every}", f"retrieval.service_name=bench-retriever-{os.getpid()}",

@@ -43,7 +43,7 @@ MODES = ("live", "precomputed", "plain", "live_cached", "engine_loop")
 def _model_cfg():
     from ragdist.config import as_object, compose
 
-    return as_object(compose(["model=tiny"]).model)
+    return as_object(compose(["model=tiny", "recipe=plain"]).model)
 
 
 def _trainer(args, max_steps: int):

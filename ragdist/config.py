@@ -60,8 +60,20 @@ class RunConfig:
 _registered = False
 
 
+def from_scratch(scratch: Any, pretrained: Any, *, _root_: DictConfig) -> Any:
+    """`${if_scratch:A,B}` in conf/recipe/auto.yaml: A for a generator built from config (random weights,
+    `model.name_or_path` empty), B for a pretrained one."""
+    return pretrained if _root_.model.name_or_path else scratch
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("if_scratch"):
+        OmegaConf.register_new_resolver("if_scratch", from_scratch)
+
+
 def register_configs() -> None:
     global _registered
+    register_resolvers()
     if _registered:
         return
     from hydra.core.config_store import ConfigStore
@@ -123,6 +135,9 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+register_resolvers()
+
+
 def load_resolved(path: str | Path) -> DictConfig:
     """A config written by `to_yaml`, re-typed against the schema."""
     base = OmegaConf.structured(RunConfig)
@@ -135,9 +150,15 @@ def typed_config(plain: dict[str, Any]) -> DictConfig:
 
 
 def check(cfg: DictConfig) -> None:
-    """Unknown keys refused, then every group's values checked (each dataclass's `__post_init__` runs as
-    the group becomes an object). Groups only: `run_dir` may interpolate Hydra's run-time values."""
+    """Unknown keys refused, then every group's values resolved in place (the recipe's `${if_scratch:…}`
+    choices become plain values that every rank and the saved config see) and checked (each dataclass's
+    `__post_init__` runs as the group becomes an object). Groups only: `run_dir` may interpolate Hydra's
+    run-time values."""
     validate_keys(cfg)
+    register_resolvers()
+    for group in GROUPS:
+        if group in cfg:
+            OmegaConf.resolve(cfg[group])
     for group in GROUPS:
         if group in cfg:
             OmegaConf.to_object(cfg[group])

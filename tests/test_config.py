@@ -36,6 +36,46 @@ def test_the_demos_read_three_passages_after_a_pretext_stage(exp):
     assert obj.trainer.pretext.steps > 0 and "rag" in obj.trainer.variants and "closed_book" in obj.trainer.variants
 
 
+READER_KEYS = ("model.tokenizer", "model.prompt_loss_weight", "trainer.micro_batch_size", "trainer.lr",
+               "trainer.max_steps", "trainer.pretext.steps", "trainer.examples.aggregation",
+               "trainer.examples.swap_answer_p")
+
+
+def _picks(cfg):
+    return {k: OmegaConf.select(cfg, k) for k in READER_KEYS}
+
+
+def test_the_recipe_follows_the_generator():
+    scratch = compose(["run_dir=/tmp/x"])
+    assert _picks(scratch) == {
+        "model.tokenizer": "bpe", "model.prompt_loss_weight": 1.0, "trainer.micro_batch_size": 16,
+        "trainer.lr": 3.0e-3, "trainer.max_steps": 3000, "trainer.pretext.steps": 1000,
+        "trainer.examples.aggregation": "sequential", "trainer.examples.swap_answer_p": 1.0,
+    }
+    # a pretrained model gets the schema's plain values, and so does recipe=plain from scratch
+    pretrained = compose(["model.name_or_path=/models/some-llm", "trainer=fsdp", "run_dir=/tmp/x"])
+    plain = compose(["recipe=plain", "run_dir=/tmp/x"])
+    assert _picks(pretrained) == _picks(plain) == {
+        "model.tokenizer": "minilm", "model.prompt_loss_weight": 0.0, "trainer.micro_batch_size": 8,
+        "trainer.lr": 1.0e-3, "trainer.max_steps": 1000, "trainer.pretext.steps": 0,
+        "trainer.examples.aggregation": "concat", "trainer.examples.swap_answer_p": 0.0,
+    }
+    assert as_object(pretrained).trainer.engine == "fsdp"
+    # the choices are plain values once checked: the saved config and every rank see numbers
+    assert "if_scratch" not in OmegaConf.to_yaml(scratch.trainer) + OmegaConf.to_yaml(scratch.model)
+
+
+def test_a_value_given_beats_the_recipe():
+    cfg = compose(["trainer.max_steps=1000", "trainer.pretext.steps=0", "trainer.examples.aggregation=concat",
+                   "run_dir=/tmp/x"])
+    obj = as_object(cfg)
+    assert (obj.trainer.max_steps, obj.trainer.pretext.steps, obj.trainer.examples.aggregation) == (1000, 0, "concat")
+    assert obj.trainer.lr == 3.0e-3  # what was not given still follows the generator
+    # an experiment's values too; the tests' sample keeps the plain recipe
+    tiny = as_object(compose(["+experiment=tiny", "run_dir=/tmp/x"]))
+    assert (tiny.trainer.max_steps, tiny.trainer.pretext.steps, tiny.model.prompt_loss_weight) == (30, 0, 0.0)
+
+
 def test_unknown_key_fails_at_compose_naming_it():
     with pytest.raises(ConfigCompositionException, match="num_shard"):
         compose(["index.num_shard=4"])
