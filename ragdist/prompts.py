@@ -29,6 +29,10 @@ from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE  # the defa
 
 IGNORE = -100  # the label of a token that carries no loss (torch's cross_entropy ignore_index)
 
+# Written into every checkpoint ragdist-train exports: how the model was trained to read its passages.
+READER_FILE = "ragdist_reader.json"
+READER_KEYS = ("aggregation", "passage_template", "question_template")
+
 
 # Stand-ins for the user message and the answer while a chat template is rendered once; the text
 # around them is the template's own.
@@ -196,3 +200,35 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
         ids[i, n - len(p) :] = torch.tensor(p)
         mask[i, n - len(p) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def write_reader_format(ckpt: Any, fmt: Any, top_k: int) -> None:
+    """Record in the checkpoint dir how its model was trained to read (`trainer.examples` keys, top-k),
+    so that evaluating it another way can be pointed out (`reader_mismatch`)."""
+    import json
+    from pathlib import Path
+
+    from ragdist.index.snapshot import atomic_write_text
+
+    info = {key: getattr(fmt, key) for key in READER_KEYS}
+    atomic_write_text(Path(ckpt) / READER_FILE, json.dumps({**info, "top_k": int(top_k)}, indent=1))
+
+
+def reader_mismatch(ckpt: Any, fmt: Any) -> list[str]:
+    """`trainer.examples.<key>=<value>` for each key where `fmt` differs from how the checkpoint was
+    trained: the overrides that evaluate it as it was trained. [] when it matches or nothing was recorded."""
+    import json
+    from pathlib import Path
+
+    path = Path(ckpt) / READER_FILE
+    if not path.is_file():
+        return []
+    try:
+        trained = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [
+        f"trainer.examples.{key}={trained[key]!r}"
+        for key in READER_KEYS
+        if key in trained and trained[key] != getattr(fmt, key)
+    ]

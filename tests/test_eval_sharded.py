@@ -25,7 +25,12 @@ def _untimed(x):
 
 @pytest.mark.slow
 def test_two_rank_evaluation_reports_what_one_process_does(ray_cluster, tmp_path):
+    from ragdist.prompts import write_reader_format
+    from ragdist.train.config import ExamplesConfig
+
     ckpt = save_tiny("qwen2", tmp_path / "model")  # its tokenizer carries a chat template
+    # recorded as trained one passage at a time: evaluating it with passages in one prompt is pointed out
+    write_reader_format(ckpt, ExamplesConfig(aggregation="sequential"), top_k=3)
     common = [
         "ragdist-eval",
         "+experiment=tiny",
@@ -49,6 +54,7 @@ def test_two_rank_evaluation_reports_what_one_process_does(ray_cluster, tmp_path
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         runs[n] = run
     assert "eval: 2 ranks" in proc.stderr
+    assert "to evaluate it as trained, add: trainer.examples.aggregation='sequential'" in proc.stderr
     one, two = (json.loads((runs[n] / "report.json").read_text()) for n in (1, 2))
     assert list(one["results"]) == ["closed_book", "rag"]
     assert one["results"]["rag"]["n"] == 22 and "em_at_k" in one["results"]["rag"]

@@ -194,6 +194,10 @@ def test_pretext_then_rag_end_to_end(ray_cluster, tmp_path):
     losses = [h["loss"] for h in pre["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
     assert pre["retrieval_wait_s_per_step"] >= 0 and (run / "checkpoints" / "pretext" / "config.json").is_file()
+    # each retrieval-trained checkpoint records how it reads its passages (ragdist-eval eval.checkpoint= checks it)
+    reader = json.loads((run / "checkpoints" / "rag" / "ragdist_reader.json").read_text())
+    assert reader["aggregation"] == "concat" and reader["top_k"] == 3
+    assert not (run / "checkpoints" / "closed_book" / "ragdist_reader.json").exists()
     report = json.loads((run / "report.json").read_text())
     res = report["results"]
     assert {"pretext", "rag", "closed_book"} <= set(res)

@@ -3,6 +3,8 @@ string, or none) and plain prompts, with the loss on the answer tokens only."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ragdist.errors import ConfigError
@@ -103,3 +105,19 @@ def test_model_chat_template_from_file_string_or_none(tmp_path):
     # a template that drops the user's message cannot frame a training example
     with pytest.raises(ConfigError, match="verbatim"):
         load_tokenizer(ModelConfig(name_or_path=str(plain), chat_template="{% for m in messages %}{{ m['role'] }}{% endfor %}"))
+
+
+def test_a_checkpoint_records_how_it_reads_and_evaluation_names_a_mismatch(tmp_path):
+    from ragdist.prompts import READER_FILE, reader_mismatch, write_reader_format
+    from ragdist.train.config import ExamplesConfig
+
+    trained = ExamplesConfig(aggregation="sequential", sequential_rows="sample")
+    write_reader_format(tmp_path, trained, top_k=3)
+    assert json.loads((tmp_path / READER_FILE).read_text())["top_k"] == 3
+    assert reader_mismatch(tmp_path, ExamplesConfig(aggregation="sequential")) == []
+    asked = ExamplesConfig(aggregation="concat", question_template="Q: {question}\nA:")
+    assert reader_mismatch(tmp_path, asked) == [
+        "trainer.examples.aggregation='sequential'",
+        f"trainer.examples.question_template={trained.question_template!r}",
+    ]
+    assert reader_mismatch(tmp_path / "no-record", asked) == []  # a model from elsewhere: nothing to compare

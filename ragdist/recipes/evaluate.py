@@ -412,6 +412,7 @@ class EvaluateRecipe:
     def setup(self) -> None:
         from ragdist.embed import build_embedder
         from ragdist.index.snapshot import read_manifest
+        from ragdist.prompts import reader_mismatch
         from ragdist.recipes.common import (
             build_or_reuse_index,
             check_embedder_matches,
@@ -427,6 +428,10 @@ class EvaluateRecipe:
             cfg, self.ckpts = _from_run(cfg)
         elif cfg.eval.checkpoint:
             self.ckpts = {"rag": cfg.eval.checkpoint, "closed_book": cfg.eval.checkpoint}
+            fixes = reader_mismatch(cfg.eval.checkpoint, cfg.trainer.examples)
+            if fixes:
+                log.warning("eval.checkpoint=%s was trained to read its passages another way than this config "
+                            "says; to evaluate it as trained, add: %s", cfg.eval.checkpoint, " ".join(fixes))
             # Without the model it started from, a lone checkpoint has no base row.
             self.base = bool(cfg.model.name_or_path)
         elif not cfg.eval.compare:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ragdist.data.qa import QAExample
 from ragdist.errors import ConfigError
 from ragdist.index.snapshot import atomic_write_text
+from ragdist.prompts import write_reader_format
 from ragdist.train.engine import TrainerConfig
 from ragdist.train.engines import build_engine
 from ragdist.train.examples import ExampleBuilder, PassageStore, Summarizer
@@ -153,6 +154,8 @@ def train_variant(
         engine.close()  # before building the export copy: ZeRO-3 would partition it
     if engine.rank == 0 and export:
         _export(state_dict, model_cfg, tokenizer, peft_cfg, Path(summary["checkpoint"]))
+        if top_k > 0:
+            write_reader_format(summary["checkpoint"], trainer.examples, top_k)
         atomic_write_text(run_dir / f"train_{variant}.json", json.dumps(summary, indent=1))
     dist.barrier()
     return summary
