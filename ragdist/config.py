@@ -73,7 +73,6 @@ def register_resolvers() -> None:
 
 def register_configs() -> None:
     global _registered
-    register_resolvers()
     if _registered:
         return
     from hydra.core.config_store import ConfigStore
@@ -135,7 +134,7 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-register_resolvers()
+register_resolvers()  # at import: every process that reads a config has imported this module
 
 
 def load_resolved(path: str | Path) -> DictConfig:
@@ -155,12 +154,9 @@ def check(cfg: DictConfig) -> None:
     `__post_init__` runs as the group becomes an object). Groups only: `run_dir` may interpolate Hydra's
     run-time values."""
     validate_keys(cfg)
-    register_resolvers()
     for group in GROUPS:
         if group in cfg:
             OmegaConf.resolve(cfg[group])
-    for group in GROUPS:
-        if group in cfg:
             OmegaConf.to_object(cfg[group])
 
 

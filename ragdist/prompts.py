@@ -17,9 +17,11 @@ training put before the answer.
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,9 +207,6 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
 def write_reader_format(ckpt: Any, fmt: Any, top_k: int) -> None:
     """Record in the checkpoint dir how its model was trained to read (`trainer.examples` keys, top-k),
     so that evaluating it another way can be pointed out (`reader_mismatch`)."""
-    import json
-    from pathlib import Path
-
     from ragdist.index.snapshot import atomic_write_text
 
     info = {key: getattr(fmt, key) for key in READER_KEYS}
@@ -217,9 +216,6 @@ def write_reader_format(ckpt: Any, fmt: Any, top_k: int) -> None:
 def reader_mismatch(ckpt: Any, fmt: Any) -> list[str]:
     """`trainer.examples.<key>=<value>` for each key where `fmt` differs from how the checkpoint was
     trained: the overrides that evaluate it as it was trained. [] when it matches or nothing was recorded."""
-    import json
-    from pathlib import Path
-
     path = Path(ckpt) / READER_FILE
     if not path.is_file():
         return []

@@ -36,13 +36,13 @@ def test_the_demos_read_three_passages_after_a_pretext_stage(exp):
     assert obj.trainer.pretext.steps > 0 and "rag" in obj.trainer.variants and "closed_book" in obj.trainer.variants
 
 
-READER_KEYS = ("model.tokenizer", "model.prompt_loss_weight", "trainer.micro_batch_size", "trainer.lr",
+RECIPE_KEYS = ("model.tokenizer", "model.prompt_loss_weight", "trainer.micro_batch_size", "trainer.lr",
                "trainer.max_steps", "trainer.pretext.steps", "trainer.examples.aggregation",
                "trainer.examples.swap_answer_p")
 
 
 def _picks(cfg):
-    return {k: OmegaConf.select(cfg, k) for k in READER_KEYS}
+    return {k: OmegaConf.select(cfg, k) for k in RECIPE_KEYS}
 
 
 def test_the_recipe_follows_the_generator():
