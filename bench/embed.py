@@ -3,7 +3,9 @@ otherwise run, in one process, on the same chunks, with the same threads.
 
 (a) raw: `SentenceTransformer.encode` of the chunks in one process (torch threads = the cores),
     then `build_snapshot` of those vectors: the single-process build ragdist used before;
-(b) the build with 1 worker (torch threads = the cores) and with 2 workers (threads split).
+(b) the build with 1 worker (torch threads = the cores) and with 2 workers (threads split); with
+    `--prefetch-too`, also 1 worker that reads and chunks its next part on a thread while it encodes
+    this one (`index.build.prefetch=always`; a CPU worker's default reads each part in turn).
 
 Runs are interleaved (raw, 1 worker, 2 workers, raw, ...) so load drift on a shared machine
 hits all alike; rates are medians, and each ratio to raw is the median over repeats of the ratio
@@ -98,7 +100,8 @@ def run_raw(corpus: str, factory: str, shards: int, threads: int, questions: str
     return out
 
 
-def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int, part_mb: float = 4.0) -> dict:
+def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int, part_mb: float = 4.0,
+              prefetch: str = "auto") -> dict:
     """The distributed build on the cluster at $RAY_ADDRESS."""
     from ragdist.data.corpus import CorpusConfig
     from ragdist.embed import EmbedderConfig
@@ -107,7 +110,8 @@ def run_build(corpus: str, factory: str, shards: int, workers: int, threads: int
 
     with tempfile.TemporaryDirectory() as root:
         cfg = IndexConfig(root=root, factory=factory, num_shards=shards,
-                          build=BuildConfig(workers=workers, threads=threads, num_cpus=0.5, part_mb=part_mb))
+                          build=BuildConfig(workers=workers, threads=threads, num_cpus=0.5, part_mb=part_mb,
+                                          prefetch=prefetch))
         r = build_index(CorpusConfig(path=corpus), cfg, EmbedderConfig(progress=False))
     return r.as_dict()
 
@@ -127,8 +131,8 @@ def med(xs: list[float]) -> float:
     return round(statistics.median(xs), 2)
 
 
-def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -> dict:
-    runs: dict[str, list[dict]] = {"raw": [], "w1": [], "w2": []}
+def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int, ahead: bool = False) -> dict:
+    runs: dict[str, list[dict]] = {"raw": [], "w1": [], "w2": [], **({"w1a": []} if ahead else {})}
     part_mb = corpus.stat().st_size / 16 / (1 << 20)  # 16 parts: 8 per worker at 2 workers
     questions = str(corpus.parent / "airports" / "train.jsonl")
     for i in range(repeats):
@@ -138,10 +142,14 @@ def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -
                                         threads=cores, part_mb=part_mb))
         runs["w2"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=2,
                                         threads=max(1, cores // 2), part_mb=part_mb))
+        if ahead:  # 1 worker reading its next part ahead: what the prefetch thread buys or costs
+            runs["w1a"].append(in_subprocess("build", corpus=str(corpus), factory=factory, shards=shards, workers=1,
+                                             threads=cores, part_mb=part_mb, prefetch="always"))
         r0, r1, r2 = runs["raw"][-1], runs["w1"][-1], runs["w2"][-1]
         print(f"[{factory}] repeat {i + 1}/{repeats}: raw {r0['chunks'] / r0['embed_s']:.0f}"
-              f" | 1 worker {r1['embed_chunks_per_s']:.0f} | 2 workers {r2['embed_chunks_per_s']:.0f} chunks/s;"
-              f" per CPU-second {r0['chunks'] / r0['embed_cpu_s']:.1f} | {r1['chunks'] / r1['worker_cpu_s']:.1f}"
+              f" | 1 worker {r1['embed_chunks_per_s']:.0f} | 2 workers {r2['embed_chunks_per_s']:.0f}"
+              + (f" | 1 worker, prefetch {runs['w1a'][-1]['embed_chunks_per_s']:.0f}" if ahead else "")
+              + f" chunks/s; per CPU-second {r0['chunks'] / r0['embed_cpu_s']:.1f} | {r1['chunks'] / r1['worker_cpu_s']:.1f}"
               f" | {r2['chunks'] / r2['worker_cpu_s']:.1f}", flush=True)
     n = runs["raw"][0]["chunks"]
     raw_embed = med([n / r["embed_s"] for r in runs["raw"]])
@@ -157,7 +165,9 @@ def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -
                 "index_s": med([r["index_s"] for r in runs["raw"]]),
                 "peak_rss_mb": med([r["peak_rss_mb"] for r in runs["raw"]])},
     }
-    for key, workers in (("w1", 1), ("w2", 2)):
+    for key, name in (("w1", "workers_1"), ("w2", "workers_2"), ("w1a", "workers_1_prefetch")):
+        if key not in runs:
+            continue
         rs = runs[key]
         embed = med([r["embed_chunks_per_s"] for r in rs])
         cpu = med([r["chunks"] / r["worker_cpu_s"] for r in rs])
@@ -165,7 +175,7 @@ def compare(corpus: Path, factory: str, shards: int, repeats: int, cores: int) -
         # each repeat's build against the raw run just before it: load drift on a shared machine moves
         # both; the median of these paired ratios is the figure, the ratio of the medians is kept beside it
         paired = [r["embed_chunks_per_s"] / (n / r0["embed_s"]) for r, r0 in zip(rs, runs["raw"])]
-        out[f"workers_{workers}"] = {
+        out[name] = {
             "embed_chunks_per_s": embed,
             "embed_ratio_vs_raw": round(statistics.median(paired), 3),
             "embed_ratio_vs_raw_per_repeat": [round(x, 3) for x in paired],
@@ -203,6 +213,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--ivfpq", default="IVF64,PQ32", help="the IVF-PQ factory also measured ('' = skip)")
     ap.add_argument("--rss-docs", default="", help="two corpus sizes, e.g. 2000,8000: driver peak RSS at each")
+    ap.add_argument("--prefetch-too", action="store_true",
+                    help="also 1 worker with index.build.prefetch=always (its next part read while it encodes)")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -214,9 +226,9 @@ def main() -> None:
     result: dict = {"cores": cores, "docs": args.docs, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = make_corpus(args.docs, Path(tmp))
-        result["flat"] = compare(corpus, "Flat", args.shards, args.repeats, cores)
+        result["flat"] = compare(corpus, "Flat", args.shards, args.repeats, cores, args.prefetch_too)
         if args.ivfpq:
-            result["ivfpq"] = compare(corpus, args.ivfpq, args.shards, args.repeats, cores)
+            result["ivfpq"] = compare(corpus, args.ivfpq, args.shards, args.repeats, cores, args.prefetch_too)
         if args.rss_docs:
             result["rss_by_corpus_size"] = rss_at_sizes(Path(tmp), [int(x) for x in args.rss_docs.split(",")], cores)
     print(json.dumps(result))

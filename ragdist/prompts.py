@@ -18,6 +18,7 @@ training put before the answer.
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import torch
 
 from ragdist.errors import ConfigError
 from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE  # the defaults live with ExamplesConfig
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100  # the label of a token that carries no loss (torch's cross_entropy ignore_index)
 
@@ -204,27 +207,41 @@ def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def write_reader_format(ckpt: Any, fmt: Any, top_k: int) -> None:
+def write_reader_format(ckpt: Any, fmt: Any, top_k: int, *, aggregation: str | None = None) -> None:
     """Record in the checkpoint dir how its model was trained to read (`trainer.examples` keys, top-k),
-    so that evaluating it another way can be pointed out (`reader_mismatch`)."""
+    so that evaluating it another way can be pointed out (`reader_mismatch`). `aggregation` overrides
+    the config's where the trainer builds its rows its own way (joint training: one passage a row)."""
     from ragdist.index.snapshot import atomic_write_text
 
     info = {key: getattr(fmt, key) for key in READER_KEYS}
+    if aggregation is not None:
+        info["aggregation"] = aggregation
     atomic_write_text(Path(ckpt) / READER_FILE, json.dumps({**info, "top_k": int(top_k)}, indent=1))
 
 
-def reader_mismatch(ckpt: Any, fmt: Any) -> list[str]:
-    """`trainer.examples.<key>=<value>` for each key where `fmt` differs from how the checkpoint was
-    trained: the overrides that evaluate it as it was trained. [] when it matches or nothing was recorded."""
+def reader_mismatch(ckpt: Any, fmt: Any, top_k: int | None = None) -> list[str]:
+    """The overrides (`trainer.examples.<key>=<value>`, `retrieval.top_k=<k>`) that evaluate the checkpoint
+    the way it was trained, for each key where `fmt` / `top_k` differ from its record (top-k only for a
+    model that read all its passages in one prompt). [] when they match or nothing was recorded; an
+    unreadable record is named in a warning and compared with nothing."""
     path = Path(ckpt) / READER_FILE
     if not path.is_file():
         return []
     try:
         trained = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not isinstance(trained, dict):
+            raise ValueError(f"a JSON {type(trained).__name__}, not an object")
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        log.warning("%s: cannot read how this checkpoint was trained to read its passages (%s); "
+                    "evaluating it with this config's prompts as they are", path, e)
         return []
-    return [
+    fixes = [
         f"trainer.examples.{key}={trained[key]!r}"
         for key in READER_KEYS
         if key in trained and trained[key] != getattr(fmt, key)
     ]
+    # a model that reads one passage at a time reads any number of them; one prompt of k passages does not
+    concat = trained.get("aggregation", getattr(fmt, "aggregation", "")) != "sequential"
+    if concat and top_k is not None and isinstance(trained.get("top_k"), int) and trained["top_k"] != top_k:
+        fixes.append(f"retrieval.top_k={trained['top_k']}")
+    return fixes

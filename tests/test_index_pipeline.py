@@ -221,22 +221,28 @@ def test_driver_killed_then_resumed(ray_cluster, tmp_path, embedder):
     assert_same_snapshot(got.snapshot, reference(corpus, embedder, cfg, tmp_path / "ref"))
 
 
-def test_gzip_corpus_builds_the_plain_corpus_snapshot(ray_cluster, tmp_path):
+def test_gzip_corpus_and_prefetch_build_the_plain_corpus_snapshot(ray_cluster, tmp_path):
     """A .jsonl.gz corpus is decompressed once into the staging directory and cut into byte ranges:
-    the same snapshot as the plain file's, and nothing left behind."""
+    the same snapshot as the plain file's, and nothing left behind. Reading parts ahead changes nothing
+    in the snapshot either."""
     import gzip
 
     plain = repeated_corpus(tmp_path / "corpus.jsonl", 1)
     gz = tmp_path / "corpus.jsonl.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
-    build = BuildConfig(workers=1, part_mb=0.002, num_cpus=0.5, threads=1)
     got = {}
-    for name, path in (("plain", plain), ("gz", gz)):
+    # "ahead": each part read and chunked while the one before it is encoded (a GPU worker's default)
+    for name, path, prefetch in (("plain", plain, "auto"), ("gz", gz, "auto"), ("ahead", plain, "always")):
+        build = BuildConfig(workers=1, part_mb=0.002, num_cpus=0.5, threads=1, prefetch=prefetch)
         cfg = IndexConfig(root=str(tmp_path / f"idx-{name}"), num_shards=2, build=build)
         got[name] = build_index(CorpusConfig(path=str(path)), cfg, QUIET)
         assert not list((tmp_path / f"idx-{name}").glob(f"{STAGING_PREFIX}*"))
-    assert got["gz"].parts == got["plain"].parts > 3
+    assert got["gz"].parts == got["plain"].parts == got["ahead"].parts > 3
     assert_same_snapshot(got["gz"].snapshot, got["plain"].snapshot)
+    assert_same_snapshot(got["ahead"].snapshot, got["plain"].snapshot)
+    # one worker: every part but the first was read while the one before it was encoded; a CPU
+    # worker reads in turn by default
+    assert got["ahead"].parts_prefetched == got["ahead"].parts - 1 and got["plain"].parts_prefetched == 0
 
 
 def test_bad_corpus_named_and_nothing_left(ray_cluster, tmp_path):

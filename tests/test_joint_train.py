@@ -50,6 +50,8 @@ def test_joint_side_both_refreshes_without_stopping(ray_cluster, tmp_path):
     assert manifest["joint"]["encoder_step"] == 9 and manifest["num_chunks"] == 40
     for d in ("checkpoints/rag", "retriever", "passage_encoder"):
         assert (run / d / "config.json").is_file(), d
+    # the generator read one retrieved passage per row: its checkpoint says so for ragdist-eval
+    assert json.loads((run / "checkpoints" / "rag" / "ragdist_reader.json").read_text())["aggregation"] == "sequential"
     assert (run / "joint" / "encoder_snapshots").is_dir()
     assert not list((run / "joint" / "encoder_snapshots").glob("*.pkl"))
     report = json.loads((run / "joint_report.json").read_text())

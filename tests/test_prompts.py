@@ -4,6 +4,7 @@ string, or none) and plain prompts, with the loss on the answer tokens only."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_model_chat_template_from_file_string_or_none(tmp_path):
         load_tokenizer(ModelConfig(name_or_path=str(plain), chat_template="{% for m in messages %}{{ m['role'] }}{% endfor %}"))
 
 
-def test_a_checkpoint_records_how_it_reads_and_evaluation_names_a_mismatch(tmp_path):
+def test_a_checkpoint_records_how_it_reads_and_evaluation_names_a_mismatch(tmp_path, caplog):
     from ragdist.prompts import READER_FILE, reader_mismatch, write_reader_format
     from ragdist.train.config import ExamplesConfig
 
@@ -121,3 +122,17 @@ def test_a_checkpoint_records_how_it_reads_and_evaluation_names_a_mismatch(tmp_p
         f"trainer.examples.question_template={trained.question_template!r}",
     ]
     assert reader_mismatch(tmp_path / "no-record", asked) == []  # a model from elsewhere: nothing to compare
+    # top-k is named only for a model that read its k passages in one prompt
+    assert reader_mismatch(tmp_path, trained, top_k=5) == []
+    concat = ExamplesConfig(aggregation="concat")
+    write_reader_format(tmp_path, concat, top_k=3)
+    assert reader_mismatch(tmp_path, concat, top_k=5) == ["retrieval.top_k=3"]
+    assert reader_mismatch(tmp_path, concat, top_k=3) == []
+    # a trainer that builds its rows its own way records that way (joint training: one passage a row)
+    write_reader_format(tmp_path, concat, top_k=3, aggregation="sequential")
+    assert reader_mismatch(tmp_path, concat) == ["trainer.examples.aggregation='sequential'"]
+    # an unreadable record is named, and nothing is compared
+    (tmp_path / READER_FILE).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="ragdist.prompts"):
+        assert reader_mismatch(tmp_path, asked) == []
+    assert READER_FILE in caplog.text

@@ -18,11 +18,16 @@ class BuildConfig:
     num_cpus: float = 1.0  # Ray's CPU share per worker (scheduling only; see threads)
     threads: int = 0  # torch threads per CPU worker; 0 = the cluster's CPUs / workers
     max_retries: int = 3  # a part whose worker died is re-run this often (on the restarted worker)
+    # Read and chunk a worker's next part on a thread while it encodes this one: auto (GPU workers, so
+    # the GPU does not wait on the corpus) | always | never. On CPU the thread competes with torch's
+    # for the same cores (bench/embed.py --prefetch-too: 3% slower on 2 cores).
+    prefetch: str = "auto"
     keep_staging: bool = False  # keep the embedded parts after a successful build (another factory reuses them)
     ready_timeout_s: float = 600.0  # workers must be placed and have loaded the model by then
 
     def __post_init__(self) -> None:
         one_of("index.build.device", self.device, ("auto", "cpu", "gpu"))
+        one_of("index.build.prefetch", self.prefetch, ("auto", "always", "never"))
         for key in ("workers", "batch_size", "threads", "max_retries", "num_cpus"):
             non_negative(f"index.build.{key}", getattr(self, key))
         for key in ("part_mb", "ready_timeout_s"):

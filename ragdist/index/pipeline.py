@@ -25,6 +25,7 @@ The corpus file and `index.root` must be on a filesystem every node sees.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -82,6 +83,7 @@ class BuildResult:
     parts: int  # parts of the corpus
     parts_embedded: int  # embedded by this run (the rest were staged by an earlier, interrupted one)
     parts_reused: int
+    parts_prefetched: int  # of those embedded, read and chunked while the worker encoded the one before
     documents: int
     chunks: int
     workers: int
@@ -124,9 +126,17 @@ def _doc_hash(doc_id: str) -> int:
 
 # ------------------------------------------------------------------------------------------ workers
 class EmbedWorker:
-    """One embedding actor: reads its parts of the corpus, chunks, embeds, stages the results."""
+    """One embedding actor: reads its parts of the corpus, chunks, embeds, stages the results.
+
+    With `index.build.prefetch`, each call names the part that comes next to this worker (`ahead`); it
+    is read and chunked on a thread while this call encodes, so the encoder (a GPU above all) does not
+    wait on the corpus. A part read ahead raises its errors in its own call; a call whose part was not
+    read ahead (the first, or any after a restart) reads it itself.
+    """
 
     def __init__(self, cfg: EmbedderConfig, corpus: CorpusConfig, staging: str, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         from ragdist.embed import build_embedder
 
         if threads:
@@ -141,16 +151,35 @@ class EmbedWorker:
         self.corpus = corpus
         self.staging = Path(staging)
         self.embedder = build_embedder(cfg)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-read")
+        self._ahead: tuple[int, Any] | None = None  # (part id, future of _prepare)
+        # Chunking runs beside the encoder's own tokenizer calls: a fast tokenizer's padding and
+        # truncation settings are state of one object, so the two threads must not share it.
+        self._chunk_tokenizer = copy.deepcopy(self.embedder.tokenizer)
 
     def ready(self) -> dict[str, Any]:
         return {"name": self.embedder.name, "dim": int(self.embedder.dim), "pid": os.getpid(), "threads": self.threads}
 
-    def embed_part(self, part: dict[str, Any]) -> dict[str, Any]:
-        t0, c0 = time.perf_counter(), time.process_time()
+    def _prepare(self, part: dict[str, Any]) -> tuple[list[tuple[int, Any]], list[Chunk], float, float]:
+        t0 = time.perf_counter()
         c = self.corpus
         docs = read_part(c.path, c.format, part, c.fields)
         t1 = time.perf_counter()
-        chunks = chunk_documents([d for _, d in docs], self.embedder.tokenizer, c.chunk_tokens, c.chunk_overlap)
+        chunks = chunk_documents([d for _, d in docs], self._chunk_tokenizer, c.chunk_tokens, c.chunk_overlap)
+        return docs, chunks, t1 - t0, time.perf_counter() - t1
+
+    def embed_part(self, part: dict[str, Any], ahead: dict[str, Any] | None = None) -> dict[str, Any]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        pending, self._ahead = self._ahead, None
+        prefetched = pending is not None and pending[0] == int(part["id"])
+        if prefetched:
+            docs, chunks, read_s, chunk_s = pending[1].result()  # the prefetch's own error is raised here
+        else:
+            if pending is not None:  # read ahead for a part that went elsewhere: one chunker at a time
+                pending[1].exception()
+            docs, chunks, read_s, chunk_s = self._prepare(part)
+        if ahead is not None:
+            self._ahead = (int(ahead["id"]), self._io.submit(self._prepare, ahead))
         t2 = time.perf_counter()
         vectors = self.embedder.encode([ch.text for ch in chunks])
         t3 = time.perf_counter()
@@ -162,8 +191,9 @@ class EmbedWorker:
                    vectors.reshape(len(chunks), self.embedder.dim), len(docs))
         return {
             "part": int(part["id"]), "chunks": len(chunks), "documents": len(docs), "bytes": int(part["bytes"]),
-            "read_s": t1 - t0, "chunk_s": t2 - t1, "embed_s": t3 - t2, "write_s": time.perf_counter() - t3,
-            "cpu_s": time.process_time() - c0, "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(),
+            "read_s": read_s, "chunk_s": chunk_s, "wait_s": t2 - t0, "embed_s": t3 - t2,
+            "write_s": time.perf_counter() - t3, "cpu_s": time.process_time() - c0, "peak_rss_mb": peak_rss_mb(),
+            "pid": os.getpid(), "prefetched": prefetched,
         }
 
 
@@ -458,15 +488,22 @@ def embed_parts(
         queue = list(todo)
         pending: dict[Any, tuple[int, dict[str, Any]]] = {}
         per_worker = 2  # one running, one waiting: a worker never idles while the driver is busy
+        # With prefetch, the part each worker gets next is fixed when its last call is submitted, and
+        # named in that call, which reads it while it encodes its own.
+        following: dict[int, dict[str, Any]] = {}
+        prefetch = build.prefetch == "always" or (build.prefetch == "auto" and use_gpu)
 
         def submit(w: int) -> None:
-            p = queue.pop(0)
-            pending[pool[w].embed_part.remote(p)] = (w, p)
+            p = following.pop(w) if w in following else queue.pop(0)
+            ahead = queue.pop(0) if prefetch and queue else None
+            if ahead is not None:
+                following[w] = ahead
+            pending[pool[w].embed_part.remote(p, ahead)] = (w, p)
 
         t0 = time.perf_counter()
         for w in range(workers):
             for _ in range(per_worker):
-                if queue:
+                if queue or w in following:
                     submit(w)
         stats, chunks = [], 0
         while pending:
@@ -482,7 +519,7 @@ def embed_parts(
             bar.set_postfix(chunks=chunks, rate=f"{chunks / max(time.perf_counter() - t0, 1e-9):.0f}/s")
             if on_part is not None:
                 on_part(st, pool)
-            if queue:
+            if queue or w in following:
                 submit(w)
         bar.close()
         return stats, {"embed_s": time.perf_counter() - t0, "ready_s": ready_s, "workers": workers}
@@ -657,7 +694,8 @@ def build_index(
         shutil.rmtree(staging, ignore_errors=True)
     embedded = int(sum(s["chunks"] for s in stats))
     return BuildResult(
-        snapshot=path, parts=len(parts), parts_embedded=len(stats), parts_reused=reused, documents=documents,
+        snapshot=path, parts=len(parts), parts_embedded=len(stats), parts_reused=reused,
+        parts_prefetched=sum(bool(s.get("prefetched")) for s in stats), documents=documents,
         chunks=n, workers=int(run["workers"]), ready_s=float(run["ready_s"]), embed_s=float(run["embed_s"]),
         embed_chunks_per_s=embedded / run["embed_s"] if run["embed_s"] else 0.0,
         worker_cpu_s=float(sum(s["cpu_s"] for s in stats)),

@@ -411,7 +411,7 @@ def train_joint(
                           log_prefix="joint").fit()  # fmt: skip
         state = engine.full_state_dict()
         if rank == 0:
-            _save(run_dir, variant, engine, state, tokenizer, retriever, joint, summary)
+            _save(run_dir, variant, engine, state, tokenizer, retriever, joint, summary, fmt, top_k)
         if world > 1:
             dist.barrier()
     finally:
@@ -424,14 +424,17 @@ def train_joint(
 
 
 def _save(run_dir: Path, variant: str, engine: Any, state: Any, tokenizer: Any, retriever: Any,
-          joint: JointConfig, summary: dict[str, Any]) -> None:
+          joint: JointConfig, summary: dict[str, Any], fmt: Any, top_k: int) -> None:
     from ragdist.index.snapshot import atomic_write_text
     from ragdist.joint.report import write_joint_report
+    from ragdist.prompts import write_reader_format
     from ragdist.train.model import save_pretrained_atomic
 
     out = run_dir / "checkpoints" / variant
     lm_state = {k.removeprefix("lm."): v for k, v in state.items()} if state is not None else None
     save_pretrained_atomic(engine.module.lm, tokenizer, out, state_dict=lm_state)
+    if fmt is not None:  # each training row held one retrieved passage: the model reads them one at a time
+        write_reader_format(out, fmt, top_k, aggregation="sequential")
     # The query encoder as a plain HF encoder dir (mean pooling): what `ragdist-eval eval.joint_run=` reads.
     save_pretrained_atomic(retriever.query.model, retriever.query.tokenizer, run_dir / "retriever")
     if joint.side == "both":

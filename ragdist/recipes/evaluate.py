@@ -428,7 +428,7 @@ class EvaluateRecipe:
             cfg, self.ckpts = _from_run(cfg)
         elif cfg.eval.checkpoint:
             self.ckpts = {"rag": cfg.eval.checkpoint, "closed_book": cfg.eval.checkpoint}
-            fixes = reader_mismatch(cfg.eval.checkpoint, cfg.trainer.examples)
+            fixes = reader_mismatch(cfg.eval.checkpoint, cfg.trainer.examples, cfg.retrieval.top_k)
             if fixes:
                 log.warning("eval.checkpoint=%s was trained to read its passages another way than this config "
                             "says; to evaluate it as trained, add: %s", cfg.eval.checkpoint, " ".join(fixes))
