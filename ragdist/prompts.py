@@ -17,6 +17,7 @@ training put before the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import weakref
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from ragdist.errors import ConfigError
-from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE  # the defaults live with ExamplesConfig
+from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE, ExamplesConfig  # the defaults live there
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +220,11 @@ def write_reader_format(ckpt: Any, fmt: Any, top_k: int, *, aggregation: str | N
     atomic_write_text(Path(ckpt) / READER_FILE, json.dumps({**info, "top_k": int(top_k)}, indent=1))
 
 
-def reader_mismatch(ckpt: Any, fmt: Any, top_k: int | None = None) -> list[str]:
-    """The overrides (`trainer.examples.<key>=<value>`, `retrieval.top_k=<k>`) that evaluate the checkpoint
-    the way it was trained, for each key where `fmt` / `top_k` differ from its record (top-k only for a
-    model that read all its passages in one prompt). [] when they match or nothing was recorded; an
-    unreadable record is named in a warning and compared with nothing."""
+def _reader_record(ckpt: Any) -> dict[str, Any] | None:
+    """The checkpoint's `READER_FILE`, or None when it has none; an unreadable one is named in a warning."""
     path = Path(ckpt) / READER_FILE
     if not path.is_file():
-        return []
+        return None
     try:
         trained = json.loads(path.read_text())
         if not isinstance(trained, dict):
@@ -234,6 +232,17 @@ def reader_mismatch(ckpt: Any, fmt: Any, top_k: int | None = None) -> list[str]:
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
         log.warning("%s: cannot read how this checkpoint was trained to read its passages (%s); "
                     "evaluating it with this config's prompts as they are", path, e)
+        return None
+    return trained
+
+
+def reader_mismatch(ckpt: Any, fmt: Any, top_k: int | None = None) -> list[str]:
+    """The overrides (`trainer.examples.<key>=<value>`, `retrieval.top_k=<k>`) that evaluate the checkpoint
+    the way it was trained, for each key where `fmt` / `top_k` differ from its record (top-k only for a
+    model that did not read its passages one at a time). [] when they match or nothing was recorded; an
+    unreadable record is named in a warning and compared with nothing."""
+    trained = _reader_record(ckpt)
+    if trained is None:
         return []
     fixes = [
         f"trainer.examples.{key}={trained[key]!r}"
@@ -245,3 +254,13 @@ def reader_mismatch(ckpt: Any, fmt: Any, top_k: int | None = None) -> list[str]:
     if concat and top_k is not None and isinstance(trained.get("top_k"), int) and trained["top_k"] != top_k:
         fixes.append(f"retrieval.top_k={trained['top_k']}")
     return fixes
+
+
+def recorded_format(ckpt: Any, fmt: Any) -> Any:
+    """`fmt` (a `trainer.examples` config, or None for the defaults) with the checkpoint's recorded way
+    of reading applied: how a model from a run whose config does not say it (a joint run) is read."""
+    trained = _reader_record(ckpt)
+    if not trained:
+        return fmt
+    base = fmt if fmt is not None else ExamplesConfig()
+    return dataclasses.replace(base, **{k: trained[k] for k in READER_KEYS if k in trained})

@@ -144,13 +144,13 @@ def gzip_text(path: Path) -> str:
 
 
 def test_worker_killed_mid_build(ray_cluster, tmp_path, embedder):
-    """Two workers, one killed while it holds parts: Ray restarts it, its parts run again, and the
-    snapshot is the one the in-process builder writes from the same corpus."""
+    """Two workers reading their next parts ahead, one killed while it holds parts: Ray restarts it,
+    its parts run again, and the snapshot is the one the in-process builder writes from the same corpus."""
     import ray
 
     corpus = repeated_corpus(tmp_path / "corpus.jsonl", 2)
     cfg = IndexConfig(root=str(tmp_path / "idx"), num_shards=3,
-                      build=BuildConfig(workers=2, part_mb=0.002, num_cpus=0.5, threads=1))
+                      build=BuildConfig(workers=2, part_mb=0.002, num_cpus=0.5, threads=1, prefetch="always"))
     killed = []
 
     pids = []
@@ -164,6 +164,8 @@ def test_worker_killed_mid_build(ray_cluster, tmp_path, embedder):
     got = build_index(CorpusConfig(path=str(corpus)), cfg, QUIET, key="k", on_part=kill_one)
     print(f"worker killed: {got.parts} parts, {got.parts_embedded} staged, pids {sorted(set(pids))}")
     assert killed and got.parts > 6 and got.parts_embedded == got.parts and got.parts_reused == 0
+    assert len(set(pids)) >= 2  # both workers had parts (the restarted one under a new pid, too)
+    assert 0 < got.parts_prefetched < got.parts  # not the first part of either worker, nor after the restart
     assert got.chunks == 80 and got.documents == 80 and got.workers == 2
     assert_same_snapshot(got.snapshot, reference(corpus, embedder, cfg, tmp_path / "ref"))
     assert snap.read_manifest(got.snapshot)["key"] == "k"
@@ -248,7 +250,9 @@ def test_gzip_corpus_and_prefetch_build_the_plain_corpus_snapshot(ray_cluster, t
 def test_bad_corpus_named_and_nothing_left(ray_cluster, tmp_path):
     corpus = repeated_corpus(tmp_path / "corpus.jsonl", 1)
     lines = corpus.read_text().splitlines()
-    cfg = IndexConfig(root=str(tmp_path / "idx"), build=BuildConfig(workers=1, part_mb=0.002, num_cpus=0.5))
+    # parts read ahead: a bad line is still reported by the call of the part that holds it
+    cfg = IndexConfig(root=str(tmp_path / "idx"), build=BuildConfig(workers=1, part_mb=0.002, num_cpus=0.5,
+                                                                    prefetch="always"))
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines[:30] + ['{"id": "x", "text": "cut'] + lines[30:]) + "\n")

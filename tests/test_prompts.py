@@ -131,6 +131,12 @@ def test_a_checkpoint_records_how_it_reads_and_evaluation_names_a_mismatch(tmp_p
     # a trainer that builds its rows its own way records that way (joint training: one passage a row)
     write_reader_format(tmp_path, concat, top_k=3, aggregation="sequential")
     assert reader_mismatch(tmp_path, concat) == ["trainer.examples.aggregation='sequential'"]
+    # a run whose config does not say how its model reads (a joint run) is read the recorded way
+    from ragdist.prompts import recorded_format
+
+    assert recorded_format(tmp_path, concat).aggregation == "sequential"
+    assert recorded_format(tmp_path, None).aggregation == "sequential"
+    assert recorded_format(tmp_path / "no-record", concat) is concat
     # an unreadable record is named, and nothing is compared
     (tmp_path / READER_FILE).write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="ragdist.prompts"):

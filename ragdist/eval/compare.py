@@ -103,6 +103,7 @@ def resolve_joint(cfg: EvalConfig, default_embedder: Any) -> JointRun:
 
     from ragdist.config import as_object, load_resolved
     from ragdist.index import snapshot as snap
+    from ragdist.prompts import recorded_format
 
     run = Path(cfg.joint_run)
     if not run.is_dir():
@@ -151,7 +152,8 @@ def resolve_joint(cfg: EvalConfig, default_embedder: Any) -> JointRun:
         encoder=encoder,
         train_file=str(saved.data.train) if saved is not None else "",
         training=training,
-        fmt=as_object(saved.trainer.examples) if saved is not None else None,
+        # joint training reads one passage per row whatever trainer.examples says; its checkpoint records it
+        fmt=recorded_format(ckpt, as_object(saved.trainer.examples) if saved is not None else None),
     )
 
 

@@ -20,7 +20,7 @@ class BuildConfig:
     max_retries: int = 3  # a part whose worker died is re-run this often (on the restarted worker)
     # Read and chunk a worker's next part on a thread while it encodes this one: auto (GPU workers, so
     # the GPU does not wait on the corpus) | always | never. On CPU the thread competes with torch's
-    # for the same cores (bench/embed.py --prefetch-too: 3% slower on 2 cores).
+    # for the same cores (bench/embed.py --prefetch-too, 2 cores: 1% slower, 3% more CPU per chunk).
     prefetch: str = "auto"
     keep_staging: bool = False  # keep the embedded parts after a successful build (another factory reuses them)
     ready_timeout_s: float = 600.0  # workers must be placed and have loaded the model by then

@@ -487,22 +487,22 @@ def embed_parts(
                    desc="embed", disable=not embedder.progress, smoothing=0.1)
         queue = list(todo)
         pending: dict[Any, tuple[int, dict[str, Any]]] = {}
-        per_worker = 2  # one running, one waiting: a worker never idles while the driver is busy
-        # With prefetch, the part each worker gets next is fixed when its last call is submitted, and
-        # named in that call, which reads it while it encodes its own.
+        per_worker = 2  # calls queued per worker: one running, one waiting, so none idles while the driver works
+        # With prefetch, the part a worker gets next is fixed when its last call is submitted and named
+        # in that call, which reads it while it encodes its own; only while every worker can still get
+        # a part of its own, so that reading ahead never leaves a worker without one.
         following: dict[int, dict[str, Any]] = {}
         prefetch = build.prefetch == "always" or (build.prefetch == "auto" and use_gpu)
 
         def submit(w: int) -> None:
             p = following.pop(w) if w in following else queue.pop(0)
-            ahead = queue.pop(0) if prefetch and queue else None
-            if ahead is not None:
-                following[w] = ahead
-            pending[pool[w].embed_part.remote(p, ahead)] = (w, p)
+            if prefetch and len(queue) >= workers:
+                following[w] = queue.pop(0)
+            pending[pool[w].embed_part.remote(p, following.get(w))] = (w, p)
 
         t0 = time.perf_counter()
-        for w in range(workers):
-            for _ in range(per_worker):
+        for _ in range(per_worker):  # round by round: every worker has a part before any has two
+            for w in range(workers):
                 if queue or w in following:
                     submit(w)
         stats, chunks = [], 0
