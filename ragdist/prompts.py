@@ -29,7 +29,11 @@ from typing import Any
 import torch
 
 from ragdist.errors import ConfigError
-from ragdist.train.config import PASSAGE_TEMPLATE, QUESTION_TEMPLATE, ExamplesConfig  # the defaults live there
+from ragdist.train.config import (  # the defaults live there
+    PASSAGE_TEMPLATE,
+    QUESTION_TEMPLATE,
+    ExamplesConfig,
+)
 
 log = logging.getLogger(__name__)
 
