@@ -36,7 +36,7 @@ def test_the_demos_read_three_passages_after_a_pretext_stage(exp):
     assert obj.trainer.pretext.steps > 0 and "rag" in obj.trainer.variants and "closed_book" in obj.trainer.variants
 
 
-RECIPE_KEYS = ("model.tokenizer", "model.prompt_loss_weight", "trainer.micro_batch_size", "trainer.lr",
+RECIPE_KEYS = ("model.tokenizer", "model.prompt_loss_weight", "model.prompt_loss_norm", "trainer.micro_batch_size", "trainer.lr",
                "trainer.max_steps", "trainer.pretext.steps", "trainer.examples.aggregation",
                "trainer.examples.swap_answer_p")
 
@@ -48,15 +48,17 @@ def _picks(cfg):
 def test_the_recipe_follows_the_generator():
     scratch = compose(["run_dir=/tmp/x"])
     assert _picks(scratch) == {
-        "model.tokenizer": "bpe", "model.prompt_loss_weight": 1.0, "trainer.micro_batch_size": 16,
-        "trainer.lr": 3.0e-3, "trainer.max_steps": 3000, "trainer.pretext.steps": 1000,
+        "model.tokenizer": "bpe", "model.prompt_loss_weight": 1.0, "model.prompt_loss_norm": "mean",
+        "trainer.micro_batch_size": 16,
+        "trainer.lr": 3.0e-3, "trainer.max_steps": 2000, "trainer.pretext.steps": 500,
         "trainer.examples.aggregation": "sequential", "trainer.examples.swap_answer_p": 1.0,
     }
     # a pretrained model gets the schema's plain values, and so does recipe=plain from scratch
     pretrained = compose(["model.name_or_path=/models/some-llm", "trainer=fsdp", "run_dir=/tmp/x"])
     plain = compose(["recipe=plain", "run_dir=/tmp/x"])
     assert _picks(pretrained) == _picks(plain) == {
-        "model.tokenizer": "minilm", "model.prompt_loss_weight": 0.0, "trainer.micro_batch_size": 8,
+        "model.tokenizer": "minilm", "model.prompt_loss_weight": 0.0, "model.prompt_loss_norm": "token",
+        "trainer.micro_batch_size": 8,
         "trainer.lr": 1.0e-3, "trainer.max_steps": 1000, "trainer.pretext.steps": 0,
         "trainer.examples.aggregation": "concat", "trainer.examples.swap_answer_p": 0.0,
     }

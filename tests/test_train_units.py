@@ -79,12 +79,22 @@ def test_prompt_loss_weight_counts_prompt_tokens_by_their_share(tok):
     # 0 is the answer-only loss
     torch.testing.assert_close(AnswerLossLM(lm, prompt_loss_weight=0.0)(**batch), ce[answer].mean(),
                                rtol=1e-5, atol=1e-5)
+    # mean: the two means weighed against each other, however many tokens each has
+    ref = (ce[answer].mean() + w * ce[prompt].mean()) / (1 + w)
+    for fused in (True, False):
+        torch.testing.assert_close(
+            AnswerLossLM(lm, fused_loss=fused, prompt_loss_weight=w, prompt_loss_norm="mean")(**batch), ref,
+            rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(AnswerLossLM(lm, prompt_loss_weight=0.0, prompt_loss_norm="mean")(**batch),
+                               ce[answer].mean(), rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_loss_weight_is_checked():
     assert ModelConfig().prompt_loss_weight == 0.0  # the answer only, unless asked
     with pytest.raises(ConfigError, match="model.prompt_loss_weight"):
         ModelConfig(prompt_loss_weight=2.0)
+    with pytest.raises(ConfigError, match="model.prompt_loss_norm"):
+        ModelConfig(prompt_loss_norm="sum")
 
 
 def test_deepspeed_config_derives_global_batch():

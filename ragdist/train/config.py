@@ -252,6 +252,12 @@ class ModelConfig:
     # token; 0 = the answer only. Random weights learn to carry a span forward from the passages' own
     # text far sooner than from the few answer tokens alone; a pretrained model needs none of it.
     prompt_loss_weight: float = 0.0
+    # How the two losses are weighed: token = each prompt token counts prompt_loss_weight of an answer
+    # token, so a prompt of 80 tokens outweighs an answer of 3 about 27 to 1 at weight 1; mean = the
+    # prompt tokens' mean loss weighs prompt_loss_weight against the answer tokens' mean, whatever the
+    # lengths: (answer + w * prompt) / (1 + w). A model trained from scratch learns which span answers a
+    # question far sooner with mean (docs/training.md).
+    prompt_loss_norm: str = "token"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -260,6 +266,7 @@ class ModelConfig:
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position", "bpe_vocab_size"):
             at_least(f"model.{key}", getattr(self, key), 1)
         require(0.0 <= self.prompt_loss_weight <= 1.0, f"model.prompt_loss_weight={self.prompt_loss_weight}: must be in [0, 1]")
+        one_of("model.prompt_loss_norm", self.prompt_loss_norm, ("token", "mean"))
         if not self.name_or_path:
             require(self.hidden_size % self.num_heads == 0,
                     f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 def build_module_fn(model_cfg: ModelConfig, tokenizer: Any, peft_cfg: PeftConfig) -> Callable[[], torch.nn.Module]:
     def wrap(base: torch.nn.Module) -> torch.nn.Module:
         return AnswerLossLM(apply_peft(base, peft_cfg), fused_loss=model_cfg.fused_loss,
-                            prompt_loss_weight=model_cfg.prompt_loss_weight)
+                            prompt_loss_weight=model_cfg.prompt_loss_weight, prompt_loss_norm=model_cfg.prompt_loss_norm)
 
     if peft_cfg.method == "qlora":
         return lambda: wrap(load_quantized_generator(model_cfg))

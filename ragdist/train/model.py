@@ -219,18 +219,24 @@ class AnswerLossLM(nn.Module):
     keeps only a shard of it outside the head's own forward (ZeRO-3), or the head is wrapped (LoRA on
     the head), the plain path runs instead.
 
-    `prompt_loss_weight` > 0 also trains on the prompt's own tokens (passages and question), each
-    counting that share of an answer token (OpenAI's legacy fine-tuning knob of the same name;
-    `train_on_inputs` elsewhere). A generator trained from random weights learns from the passages'
-    text how to carry a span forward, which the few answer tokens alone teach slowly; a pretrained
-    model needs none of it (0).
+    `prompt_loss_weight` > 0 also trains on the prompt's own tokens (passages and question). With
+    `prompt_loss_norm="token"` each counts that share of an answer token (OpenAI's legacy fine-tuning
+    knob of the same name; `train_on_inputs` elsewhere); with `"mean"` the prompt tokens' mean loss
+    weighs that much against the answer tokens' mean, however long the prompt. A generator trained
+    from random weights learns from the passages' text how to carry a span forward, which the few
+    answer tokens alone teach slowly, and from the answers which span a question asks for, which a
+    per-token weight drowns under the passages' many tokens; a pretrained model needs none of it (0).
     """
 
-    def __init__(self, lm: nn.Module, fused_loss: bool = True, prompt_loss_weight: float = 0.0):
+    def __init__(self, lm: nn.Module, fused_loss: bool = True, prompt_loss_weight: float = 0.0,
+                 prompt_loss_norm: str = "token"):
         super().__init__()
+        if prompt_loss_norm not in ("token", "mean"):
+            raise ValueError(f"prompt_loss_norm={prompt_loss_norm!r}: expected 'token' or 'mean'")
         self.lm = lm
         self.fused_loss = fused_loss
         self.prompt_loss_weight = float(prompt_loss_weight)
+        self.prompt_loss_norm = prompt_loss_norm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         body = self.lm.get_decoder()
@@ -248,6 +254,10 @@ class AnswerLossLM(nn.Module):
         if n_prompt == 0:
             return answer
         prompt_loss = self._head_loss(hidden[:, :-1][prompt], input_ids[:, 1:][prompt], hidden)
+        if self.prompt_loss_norm == "mean":
+            if n_answer == 0:
+                return prompt_loss
+            return (answer + w * prompt_loss) / (1.0 + w)
         return (n_answer * answer + w * n_prompt * prompt_loss) / (n_answer + w * n_prompt)
 
     def _head_loss(self, h: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
