@@ -248,8 +248,8 @@ class ModelConfig:
     chat_template: str = ""
     # Chunked linear + cross-entropy over answer tokens only, never materializing full logits.
     fused_loss: bool = True
-    # Also train on the prompt's tokens (passages, question), each counting this share of an answer
-    # token; 0 = the answer only. Random weights learn to carry a span forward from the passages' own
+    # Also train on the prompt's tokens (passages, question), weighed by this (how: prompt_loss_norm);
+    # 0 = the answer only. Random weights learn to carry a span forward from the passages' own
     # text far sooner than from the few answer tokens alone; a pretrained model needs none of it.
     prompt_loss_weight: float = 0.0
     # How the two losses are weighed: token = each prompt token counts prompt_loss_weight of an answer
