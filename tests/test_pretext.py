@@ -240,6 +240,33 @@ def test_answer_swap_replaces_the_answer_in_question_passages_and_target():
     assert AnswerSwap(train, p=0.0)(ex, shown, np.random.default_rng(0)) == (ex.question, "Kokoda", shown)
 
 
+def test_made_up_answers_keep_the_form_and_are_read_from_the_passages():
+    from ragdist.data.qa import QAExample, load_qa
+    from ragdist.train.examples import AnswerSwap, answer_shape, made_up_answer, word_pieces
+    from ragdist.train.model import ModelConfig, load_tokenizer
+
+    pieces = word_pieces(load_tokenizer(ModelConfig()))
+    assert pieces and all(p.isalpha() and p.islower() and len(p) >= 2 for p in pieces)
+    rng = np.random.default_rng(0)
+    for answer in ("KKD", "1240", "1,495 m", "7440-47-3", "Port Moresby", "Lai", "[Rn] 5f14 6d4 7s2"):
+        made = [made_up_answer(answer, pieces, rng) for _ in range(20)]
+        assert all(answer_shape(m) == answer_shape(answer) for m in made), (answer, made)
+        assert len(set(made)) > 10 and answer not in made
+    assert all(len(made_up_answer("1240", pieces, rng)) == 4 and made_up_answer("0", pieces, rng).isdigit()
+               for _ in range(50))
+    # made_up_p=1: every swap is made up, in question, passages and target alike
+    train = load_qa(DATA / "train.jsonl")
+    swap = AnswerSwap(train, p=1.0, made_up_p=1.0, pieces=pieces)
+    ex = QAExample(id="x", question="Which city does Kokoda Airport serve?", answers=["Kokoda"], gold_ids=["k"])
+    shown = [{"id": "k#0", "title": "Kokoda Airport", "text": AIRPORT}]
+    question, answer, passages = swap(ex, shown, np.random.default_rng(1))
+    assert answer_shape(answer) == "Aa" and answer not in swap.pools["Aa"]
+    assert question == f"Which city does {answer} Airport serve?" and answer in passages[0]["text"]
+    assert "Kokoda" not in passages[0]["text"]
+    with pytest.raises(ConfigError, match="swap_made_up_p"):
+        ExamplesConfig(swap_made_up_p=1.5)
+
+
 def test_builder_trains_on_swapped_answers_read_from_the_passages():
     from ragdist.data.qa import load_qa
     from ragdist.train.model import ModelConfig, load_tokenizer

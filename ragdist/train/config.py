@@ -47,6 +47,11 @@ class ExamplesConfig:
     # The swapped answer cannot be recalled, only read, so the generator learns to copy from the passages
     # instead of memorising the training answers. Only examples whose answer appears in a shown passage.
     swap_answer_p: float = 0.0
+    # Of the swapped examples, the share whose new answer is made up in the answer's form (random digits
+    # for digits, random capitals for a code, words spelt from the tokenizer's word pieces) instead of
+    # another training answer: a training answer's spelling can be half recalled, a made-up one only
+    # copied, which is what teaches a small generator to copy names of several tokens to the end.
+    swap_made_up_p: float = 0.0
     answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
     # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
     summary_model: str = ""
@@ -67,7 +72,7 @@ class ExamplesConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)!r}: expected one of {', '.join(allowed)}")
-        for key in ("distractor_p", "inject_gold_p", "drop_gold_p", "swap_answer_p"):
+        for key in ("distractor_p", "inject_gold_p", "drop_gold_p", "swap_answer_p", "swap_made_up_p"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"trainer.examples.{key}={getattr(self, key)}: must be a probability in [0, 1]")
         if not 0.0 < self.answer_max_frac <= 1.0:

@@ -205,12 +205,48 @@ def answer_shape(answer: str) -> str:
     return "".join(out)
 
 
+_UPPER, _LOWER, _DIGITS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz", "0123456789"
+_FORM_RUN = re.compile(r"[^\W\d_]+|\d+|.", re.S)
+
+
+def word_pieces(tokenizer: Any) -> list[str]:
+    """The tokenizer's vocabulary entries that are plain lower-case words or word pieces (2+ letters):
+    what `AnswerSwap`'s made-up answers are spelt from, so they split into tokens as real words do."""
+    vocab = tokenizer.get_vocab()
+    texts = (tokenizer.convert_tokens_to_string([t]) for t in vocab)
+    return sorted({t for t in texts if len(t) >= 2 and t.isalpha() and t.islower() and t.isascii()})
+
+
+def made_up_answer(answer: str, pieces: Sequence[str], rng: np.random.Generator) -> str:
+    """A string of `answer`'s form that no passage holds: each run of digits becomes as many random digits
+    (no leading zero), each all-capital run (a code) as many random capitals, each word of 4+ letters
+    random word pieces joined to about its length (capitalised as it was), shorter words random letters;
+    the rest is kept ("Port Moresby" -> "Tanelo Brisatu", "KKD" -> "QWN", "1,495" -> "7,302")."""
+    out = []
+    for m in _FORM_RUN.finditer(answer):
+        w = m.group(0)
+        if w.isdigit():
+            out.append("".join(_DIGITS[int(rng.integers(1 if i == 0 and len(w) > 1 else 0, 10))]
+                               for i in range(len(w))))
+        elif not w.isalpha():
+            out.append(w)
+        elif len(w) >= 4 and not w.isupper() and pieces:
+            made = ""
+            while len(made) < len(w) - 1:
+                made += pieces[int(rng.integers(len(pieces)))]
+            out.append(made[0].upper() + made[1:] if w[0].isupper() else made)
+        else:
+            out.append("".join((_UPPER if c.isupper() else _LOWER)[int(rng.integers(26))] for c in w))
+    return "".join(out)
+
+
 class AnswerSwap:
     """Counterfactual training examples (`trainer.examples.swap_answer_p`): an example's answer, replaced
-    as a whole word in its question and shown passages by another training answer of the same shape."""
+    as a whole word in its question and shown passages by another training answer of the same shape, or
+    (`swap_made_up_p` of the swaps) by a made-up string of that shape (`made_up_answer`)."""
 
-    def __init__(self, examples: Sequence[Any], p: float):
-        self.p = p
+    def __init__(self, examples: Sequence[Any], p: float, made_up_p: float = 0.0, pieces: Sequence[str] = ()):
+        self.p, self.made_up_p, self.pieces = p, made_up_p, list(pieces)
         pools: dict[str, set[str]] = {}
         for ex in examples:
             for ans in ex.answers[:1]:
@@ -225,11 +261,12 @@ class AnswerSwap:
         answer = ex.answers[0]
         if not passages or rng.random() >= self.p:
             return ex.question, answer, passages
+        made_up = self.made_up_p > 0 and rng.random() < self.made_up_p
         pool = self.pools.get(answer_shape(answer))
         word = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
-        if not pool or not any(word.search(p["text"]) for p in passages):
+        if not (pool or made_up) or not answer.strip() or not any(word.search(p["text"]) for p in passages):
             return ex.question, answer, passages
-        new = pool[int(rng.integers(len(pool)))]
+        new = made_up_answer(answer, self.pieces, rng) if made_up else pool[int(rng.integers(len(pool)))]
         if new == answer:
             return ex.question, answer, passages
         def swap(text: str) -> str:
@@ -332,7 +369,8 @@ class ExampleBuilder:
         if self.fmt.swap_answer_p <= 0 or self.top_k == 0:
             return None
         if self._swap is None and not isinstance(examples, Mapping):
-            self._swap = AnswerSwap(examples, self.fmt.swap_answer_p)
+            pieces = word_pieces(self.tokenizer) if self.fmt.swap_made_up_p > 0 else ()
+            self._swap = AnswerSwap(examples, self.fmt.swap_answer_p, self.fmt.swap_made_up_p, pieces)
         return self._swap
 
     def fetch_k(self) -> int:
