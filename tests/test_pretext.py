@@ -254,17 +254,29 @@ def test_made_up_answers_keep_the_form_and_are_read_from_the_passages():
         assert len(set(made)) > 10 and answer not in made
     assert all(len(made_up_answer("1240", pieces, rng)) == 4 and made_up_answer("0", pieces, rng).isdigit()
                for _ in range(50))
-    # made_up_p=1: every swap is made up, in question, passages and target alike
+    # made_up_p=1, made_up="all": every swap wholly made up, in question, passages and target alike
     train = load_qa(DATA / "train.jsonl")
-    swap = AnswerSwap(train, p=1.0, made_up_p=1.0, pieces=pieces)
+    swap = AnswerSwap(train, p=1.0, made_up_p=1.0, pieces=pieces, made_up="all")
     ex = QAExample(id="x", question="Which city does Kokoda Airport serve?", answers=["Kokoda"], gold_ids=["k"])
     shown = [{"id": "k#0", "title": "Kokoda Airport", "text": AIRPORT}]
     question, answer, passages = swap(ex, shown, np.random.default_rng(1))
     assert answer_shape(answer) == "Aa" and answer not in swap.pools["Aa"]
     assert question == f"Which city does {answer} Airport serve?" and answer in passages[0]["text"]
     assert "Kokoda" not in passages[0]["text"]
+    # made_up="words": another training answer with only its words made up; a number stays a real one
+    words = AnswerSwap(train, p=1.0, made_up_p=1.0, pieces=pieces)  # made_up="words" by default
+    _, answer, _ = words(ex, shown, np.random.default_rng(1))
+    assert answer_shape(answer) == "Aa" and answer not in words.pools["Aa"]
+    assert made_up_answer("USSR/United States", pieces, rng, words_only=True).startswith("USSR/")
+    assert made_up_answer("1,240", pieces, rng, words_only=True) == "1,240"
+    number = QAExample(id="n", question="How high is Kokoda Airport?", answers=["1240"], gold_ids=["k"])
+    shown_n = [{"id": "k#0", "title": "Kokoda Airport", "text": "Kokoda Airport lies at 1240 feet."}]
+    _, answer, passages = words(number, shown_n, np.random.default_rng(0))
+    assert answer in words.pools["9"] and answer in passages[0]["text"]
     with pytest.raises(ConfigError, match="swap_made_up_p"):
         ExamplesConfig(swap_made_up_p=1.5)
+    with pytest.raises(ConfigError, match="swap_made_up='some'"):
+        ExamplesConfig(swap_made_up="some")
 
 
 def test_builder_trains_on_swapped_answers_read_from_the_passages():

@@ -88,6 +88,7 @@ def test_length_batches_keep_each_text_vector_in_place(embedder, tiny_chunks):
     the vectors come back in the caller's order, equal to one sentence-transformers call's."""
     from ragdist.embed import EmbedderConfig, build_embedder
     from ragdist.embed.embedder import length_batches
+    from ragdist.errors import ConfigError
 
     texts = [c.text for c in tiny_chunks] + ["short", "a much longer text than that"]
     batches = length_batches(texts, 8, 0.1)
@@ -103,6 +104,8 @@ def test_length_batches_keep_each_text_vector_in_place(embedder, tiny_chunks):
     plain = build_embedder(EmbedderConfig(progress=False, kind="hf", normalize=True, length_slack=None))
     assert np.abs(hf.encode(texts) - plain.encode(texts)).max() < 1e-5
     assert embedder.encode([]).shape == (0, embedder.dim)
+    with pytest.raises(ConfigError, match="embedder.length_slack"):
+        EmbedderConfig(length_slack=-0.5)
 
 
 def test_cache_serves_repeats_and_keys_on_version(tiny_service, embedder, tiny_chunks, tiny_vectors, tmp_path):

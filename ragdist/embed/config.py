@@ -34,5 +34,4 @@ class EmbedderConfig:
         at_least("embedder.batch_size", self.batch_size, 1)
         at_least("embedder.max_length", self.max_length, 1)
         non_negative("embedder.threads", self.threads)
-        if self.length_slack is not None:
-            non_negative("embedder.length_slack", self.length_slack)
+        non_negative("embedder.length_slack", self.length_slack)

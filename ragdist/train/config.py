@@ -52,6 +52,9 @@ class ExamplesConfig:
     # another training answer: a training answer's spelling can be half recalled, a made-up one only
     # copied, which is what teaches a small generator to copy names of several tokens to the end.
     swap_made_up_p: float = 0.0
+    # words: another training answer of the same shape with only its words made up, its digits and codes
+    # kept (real numbers and codes split into tokens as the eval's do); all: the whole answer made up.
+    swap_made_up: str = "words"
     answer_max_frac: float = 0.5  # the answer keeps at most this share of max_seq_len
     # summarize: "" = a frozen copy of the generator as it starts training; else a causal LM dir.
     summary_model: str = ""
@@ -68,6 +71,7 @@ class ExamplesConfig:
             "sequential_rows": ("all", "sample"),
             "distractor_mode": ("replace", "add"),
             "distractor_source": ("lower_ranks", "random"),
+            "swap_made_up": ("all", "words"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

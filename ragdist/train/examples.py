@@ -217,20 +217,24 @@ def word_pieces(tokenizer: Any) -> list[str]:
     return sorted({t for t in texts if len(t) >= 2 and t.isalpha() and t.islower() and t.isascii()})
 
 
-def made_up_answer(answer: str, pieces: Sequence[str], rng: np.random.Generator) -> str:
-    """A string of `answer`'s form that no passage holds: each run of digits becomes as many random digits
-    (no leading zero), each all-capital run (a code) as many random capitals, each word of 4+ letters
-    random word pieces joined to about its length (capitalised as it was), shorter words random letters;
-    the rest is kept ("Port Moresby" -> "Tanelo Brisatu", "KKD" -> "QWN", "1,495" -> "7,302")."""
+def made_up_answer(answer: str, pieces: Sequence[str], rng: np.random.Generator, words_only: bool = False) -> str:
+    """A string of `answer`'s form that no passage holds: each word of 4+ letters (not all capitals)
+    becomes random word pieces joined to about its length (capitalised as it was); unless `words_only`,
+    also each run of digits as many random digits (no leading zero), each all-capital run (a code) as
+    many random capitals and shorter words random letters; the rest is kept ("Port Moresby" -> "Enagos
+    Alenaacola", "KKD" -> "HVR", "1,240" -> "8,208")."""
     out = []
     for m in _FORM_RUN.finditer(answer):
         w = m.group(0)
-        if w.isdigit():
+        is_word = w.isalpha() and len(w) >= 4 and not w.isupper() and bool(pieces)
+        if words_only and not is_word:
+            out.append(w)
+        elif w.isdigit():
             out.append("".join(_DIGITS[int(rng.integers(1 if i == 0 and len(w) > 1 else 0, 10))]
                                for i in range(len(w))))
         elif not w.isalpha():
             out.append(w)
-        elif len(w) >= 4 and not w.isupper() and pieces:
+        elif is_word:
             made = ""
             while len(made) < len(w) - 1:
                 made += pieces[int(rng.integers(len(pieces)))]
@@ -243,10 +247,12 @@ def made_up_answer(answer: str, pieces: Sequence[str], rng: np.random.Generator)
 class AnswerSwap:
     """Counterfactual training examples (`trainer.examples.swap_answer_p`): an example's answer, replaced
     as a whole word in its question and shown passages by another training answer of the same shape, or
-    (`swap_made_up_p` of the swaps) by a made-up string of that shape (`made_up_answer`)."""
+    (`swap_made_up_p` of the swaps) by a made-up string of that shape (`made_up_answer`): that other
+    answer with its words made up (`made_up="words"`), or the whole answer made up (`"all"`)."""
 
-    def __init__(self, examples: Sequence[Any], p: float, made_up_p: float = 0.0, pieces: Sequence[str] = ()):
-        self.p, self.made_up_p, self.pieces = p, made_up_p, list(pieces)
+    def __init__(self, examples: Sequence[Any], p: float, made_up_p: float = 0.0, pieces: Sequence[str] = (),
+                 made_up: str = "words"):
+        self.p, self.made_up_p, self.pieces, self.words_only = p, made_up_p, list(pieces), made_up == "words"
         pools: dict[str, set[str]] = {}
         for ex in examples:
             for ans in ex.answers[:1]:
@@ -266,7 +272,9 @@ class AnswerSwap:
         word = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
         if not (pool or made_up) or not answer.strip() or not any(word.search(p["text"]) for p in passages):
             return ex.question, answer, passages
-        new = made_up_answer(answer, self.pieces, rng) if made_up else pool[int(rng.integers(len(pool)))]
+        new = pool[int(rng.integers(len(pool)))] if pool and (self.words_only or not made_up) else answer
+        if made_up:
+            new = made_up_answer(new, self.pieces, rng, self.words_only)
         if new == answer:
             return ex.question, answer, passages
         def swap(text: str) -> str:
@@ -370,7 +378,8 @@ class ExampleBuilder:
             return None
         if self._swap is None and not isinstance(examples, Mapping):
             pieces = word_pieces(self.tokenizer) if self.fmt.swap_made_up_p > 0 else ()
-            self._swap = AnswerSwap(examples, self.fmt.swap_answer_p, self.fmt.swap_made_up_p, pieces)
+            self._swap = AnswerSwap(examples, self.fmt.swap_answer_p, self.fmt.swap_made_up_p, pieces,
+                                    self.fmt.swap_made_up)
         return self._swap
 
     def fetch_k(self) -> int:
