@@ -83,31 +83,6 @@ def test_bf16_queries_find_what_fp32_queries_find(tiny_service, embedder):
         build_embedder(EmbedderConfig(dtype="int8"))
 
 
-def test_length_batches_keep_each_text_vector_in_place(embedder, tiny_chunks):
-    """Encode batches of similar length: every text once, none over batch_size, lengths within the slack;
-    the vectors come back in the caller's order, equal to one sentence-transformers call's."""
-    from ragdist.embed import EmbedderConfig, build_embedder
-    from ragdist.embed.embedder import length_batches
-    from ragdist.errors import ConfigError
-
-    texts = [c.text for c in tiny_chunks] + ["short", "a much longer text than that"]
-    batches = length_batches(texts, 8, 0.1)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(len(texts)))
-    for idx in batches:
-        lens = [len(texts[i]) for i in idx]
-        assert len(idx) <= 8 and min(lens) >= 0.9 * max(lens)
-    assert [b.tolist() for b in length_batches(list("abcde"), 2, None)] == [[0, 1], [2, 3], [4]]
-    got = embedder.encode(texts)
-    one_call = embedder.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    assert got.shape == one_call.shape and (got * one_call).sum(1).min() > 0.99999
-    hf = build_embedder(EmbedderConfig(progress=False, kind="hf", normalize=True))
-    plain = build_embedder(EmbedderConfig(progress=False, kind="hf", normalize=True, length_slack=None))
-    assert np.abs(hf.encode(texts) - plain.encode(texts)).max() < 1e-5
-    assert embedder.encode([]).shape == (0, embedder.dim)
-    with pytest.raises(ConfigError, match="embedder.length_slack"):
-        EmbedderConfig(length_slack=-0.5)
-
-
 def test_cache_serves_repeats_and_keys_on_version(tiny_service, embedder, tiny_chunks, tiny_vectors, tmp_path):
     client = RetrievalClient(tiny_service, embedder=embedder)
     q = ["What is the IATA code of Farah Airport?"]

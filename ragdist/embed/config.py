@@ -13,11 +13,6 @@ class EmbedderConfig:
     name: str = "minilm"
     kind: str = "sentence-transformers"  # sentence-transformers | hf (mean pooling over an AutoModel)
     batch_size: int = 64
-    # Texts are encoded in batches of similar length: sorted by length, a batch closes when it holds
-    # batch_size texts or the next text is longer than its shortest by more than this fraction (in
-    # characters), so that little of each batch is padding whatever order the texts come in; null = one
-    # encode call over all texts in batch_size runs (sentence-transformers' own batching).
-    length_slack: float | None = 0.1
     max_length: int = 256
     normalize: bool = True
     device: str = "cpu"
@@ -34,4 +29,3 @@ class EmbedderConfig:
         at_least("embedder.batch_size", self.batch_size, 1)
         at_least("embedder.max_length", self.max_length, 1)
         non_negative("embedder.threads", self.threads)
-        non_negative("embedder.length_slack", self.length_slack)

@@ -69,26 +69,6 @@ def embedder_name(cfg: EmbedderConfig) -> str:
     return f"{Path(path).name}:{model_fingerprint(path)}"
 
 
-def length_batches(texts: list[str], batch_size: int, slack: float | None) -> list[np.ndarray]:
-    """The texts' indices in encode batches: of up to `batch_size` texts of similar length.
-
-    Sorted by length (characters, longest first), a batch closes when full or when the next text is
-    shorter than the batch's longest by more than `slack` of it; a batch's padding is then at most about
-    `slack` of its tokens. `slack=None`: runs of `batch_size` in the given order.
-    """
-    n = len(texts)
-    if slack is None:
-        return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
-    order = np.argsort(-lengths, kind="stable")
-    batches, start = [], 0
-    for i in range(1, n + 1):
-        if i == n or i - start == batch_size or lengths[order[i]] < lengths[order[start]] * (1 - slack):
-            batches.append(order[start:i])
-            start = i
-    return batches
-
-
 class SentenceTransformerEmbedder:
     def __init__(self, cfg: EmbedderConfig):
         from sentence_transformers import SentenceTransformer
@@ -109,26 +89,18 @@ class SentenceTransformerEmbedder:
         threads = torch.get_num_threads()
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        from tqdm.auto import tqdm
-
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         try:
             with autocast(self.cfg):
-                batches = length_batches(texts, self.cfg.batch_size, self.cfg.length_slack)
-                if self.cfg.length_slack is None:  # sentence-transformers sorts and batches all at once
-                    batches = [np.arange(len(texts))] if texts else []
-                for idx in tqdm(batches, disable=not (progress and self.cfg.progress), desc="embed"):
-                    out[idx] = self.model.encode(
-                        [texts[i] for i in idx],
-                        batch_size=self.cfg.batch_size,
-                        normalize_embeddings=self.cfg.normalize,
-                        convert_to_numpy=True,
-                        show_progress_bar=False,
-                    )
+                vecs = self.model.encode(
+                    list(texts),
+                    batch_size=self.cfg.batch_size,
+                    normalize_embeddings=self.cfg.normalize,
+                    convert_to_numpy=True,
+                    show_progress_bar=progress and self.cfg.progress,
+                )
         finally:
             torch.set_num_threads(threads)
-        return out
+        return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
 class HFMeanPoolEmbedder:
@@ -151,12 +123,11 @@ class HFMeanPoolEmbedder:
         from tqdm.auto import tqdm
 
         torch = self._torch
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        batches = length_batches(texts, self.cfg.batch_size, self.cfg.length_slack)
-        for idx in tqdm(batches, disable=not (progress and self.cfg.progress), desc="embed"):
+        out = []
+        rng = range(0, len(texts), self.cfg.batch_size)
+        for i in tqdm(rng, disable=not (progress and self.cfg.progress), desc="embed"):
             batch = self.tokenizer(
-                [texts[i] for i in idx],
+                list(texts[i : i + self.cfg.batch_size]),
                 padding=True,
                 truncation=True,
                 max_length=self.cfg.max_length,
@@ -168,8 +139,10 @@ class HFMeanPoolEmbedder:
             v = (h * m).sum(1) / m.sum(1).clamp(min=1)
             if self.cfg.normalize:
                 v = torch.nn.functional.normalize(v, dim=-1)
-            out[idx] = v.float().cpu().numpy()
-        return out
+            out.append(v.float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
 
 def build_embedder(cfg: EmbedderConfig) -> Embedder:
