@@ -288,8 +288,8 @@ def test_builder_trains_on_swapped_answers_read_from_the_passages():
     store, train = _store(), load_qa(DATA / "train.jsonl")
     ids = tuple(range(len(train)))
 
-    def targets(p: float) -> tuple[list[str], list[str]]:
-        fmt = ExamplesConfig(swap_answer_p=p)
+    def targets(p: float, made_up_p: float = 0.0) -> tuple[list[str], list[str]]:
+        fmt = ExamplesConfig(swap_answer_p=p, swap_made_up_p=made_up_p)
         builder = ExampleBuilder(tok, fmt, top_k=3, max_len=256, retrieve=_retrieve_from(store), store=store, seed=0)
         batch = builder.build(train, ids, epoch=0)
         t = batch.tensors
@@ -305,3 +305,9 @@ def test_builder_trains_on_swapped_answers_read_from_the_passages():
     assert len(changed) > len(train) // 2
     for i in changed:  # the new target is read from the prompt, the old one is gone from it
         assert swapped[i] in prompts[i]
+    # made-up words: the city answers become names no training answer has, still read from the prompt
+    made, made_prompts = targets(1.0, 1.0)
+    cities = {ex.answers[0].lower() for ex in train if ex.id.endswith("-q2")}
+    new_cities = [i for i, ex in enumerate(train) if ex.id.endswith("-q2") and made[i] != plain[i]]
+    assert len(new_cities) >= len(cities) // 2 and not {made[i] for i in new_cities} & cities
+    assert all(made[i] in made_prompts[i] for i in new_cities)

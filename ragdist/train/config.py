@@ -47,10 +47,10 @@ class ExamplesConfig:
     # The swapped answer cannot be recalled, only read, so the generator learns to copy from the passages
     # instead of memorising the training answers. Only examples whose answer appears in a shown passage.
     swap_answer_p: float = 0.0
-    # Of the swapped examples, the share whose new answer is made up in the answer's form (random digits
-    # for digits, random capitals for a code, words spelt from the tokenizer's word pieces) instead of
-    # another training answer: a training answer's spelling can be half recalled, a made-up one only
-    # copied, which is what teaches a small generator to copy names of several tokens to the end.
+    # Of the swapped examples, the share whose new answer is made up (`swap_made_up`): its words spelt
+    # anew from the tokenizer's word pieces (and with `all` its digits and codes drawn at random too): a
+    # training answer's spelling can be half recalled, a made-up one only copied, which is what teaches a
+    # small generator to copy names of several tokens to the end.
     swap_made_up_p: float = 0.0
     # words: another training answer of the same shape with only its words made up, its digits and codes
     # kept (real numbers and codes split into tokens as the eval's do); all: the whole answer made up.
