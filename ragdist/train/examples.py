@@ -219,7 +219,8 @@ def word_pieces(tokenizer: Any) -> list[str]:
 
 def made_up_answer(answer: str, pieces: Sequence[str], rng: np.random.Generator, words_only: bool = False) -> str:
     """A string of `answer`'s form that no passage holds: each word of 4+ letters (not all capitals)
-    becomes random word pieces joined to about its length (capitalised as it was); unless `words_only`,
+    becomes random word pieces joined to at least its length less one (capitalised at its start if it
+    was: "McAllen" comes out as one capitalised word); unless `words_only`,
     also each run of digits as many random digits (no leading zero), each all-capital run (a code) as
     many random capitals and shorter words random letters; the rest is kept ("Port Moresby" -> "Enagos
     Alenaacola", "KKD" -> "HVR", "1,240" -> "8,208")."""
@@ -378,6 +379,11 @@ class ExampleBuilder:
             return None
         if self._swap is None and not isinstance(examples, Mapping):
             pieces = word_pieces(self.tokenizer) if self.fmt.swap_made_up_p > 0 else ()
+            if self.fmt.swap_made_up_p > 0 and not pieces:
+                log.warning("trainer.examples.swap_made_up_p=%s: the tokenizer has no lower-case word pieces to spell "
+                            "made-up words from; %s", self.fmt.swap_made_up_p,
+                            "words are swapped as they are" if self.fmt.swap_made_up == "words"
+                            else "words are made up letter by letter")
             self._swap = AnswerSwap(examples, self.fmt.swap_answer_p, self.fmt.swap_made_up_p, pieces,
                                     self.fmt.swap_made_up)
         return self._swap
