@@ -61,10 +61,13 @@ bench: install
 # GPU-marked tests, ZeRO-3 bf16 training, a sharded evaluation, shards vs in-process faiss-gpu, the Triton
 # kernels; one JSON line of figures (also runs/gpu-check/result.json). Without a GPU: why, and exit 0.
 # No `install` prerequisite: its [cpu] extra would put faiss-cpu back beside faiss-gpu. Only a GPU
-# machine without a venv gets one, with the [gpu] extra.
+# machine without a venv gets one, with the [gpu] extra, unless PYTHON names an interpreter that has
+# ragdist's requirements already (a prepared image): `PYTHON=python3 make gpu-check`. Steps to run:
+# `make gpu-check GPU_CHECK_ARGS="--only train,kernels"`.
 gpu-check:
-	@if [ ! -x $(BIN)/python ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then $(MAKE) install EXTRAS=gpu,dev; fi
-	launch/gpu_check.sh
+	@if [ -z "$${PYTHON:-}" ] && [ ! -x $(BIN)/python ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then \
+	  $(MAKE) install EXTRAS=gpu,dev; fi
+	launch/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs outputs multirun indexes data/builtin wandb

@@ -109,6 +109,11 @@ def skip_reason() -> str | None:
 # ------------------------------------------------------------------------------ running steps
 
 
+def _pythonpath() -> str:
+    """The repo first, then whatever PYTHONPATH the caller set (packages installed with --target, say)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def run_bounded(cmd: list[str], limit_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `cmd` in a session of its own; past `limit_s` the whole process group is ended
     (SIGTERM, then SIGKILL), as `timeout` would, so no Ray or rank process outlives its step."""
@@ -171,7 +176,7 @@ def python_step(step: str, limit_s: float, args: argparse.Namespace) -> dict[str
         out = Path(tmp) / "out.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--step-out", str(out), "--size", args.size,
                "--step-device", args.step_device]  # fmt: skip
-        r = run_bounded(cmd, limit_s, dict(os.environ, PYTHONPATH=str(ROOT)))
+        r = run_bounded(cmd, limit_s, dict(os.environ, PYTHONPATH=_pythonpath()))
         figures = json.loads(out.read_text()) if out.is_file() else None
     if r["rc"] != 0 or figures is None:
         return {"ok": False, "error": _failure(r, limit_s), "s": r["s"]}
@@ -179,7 +184,7 @@ def python_step(step: str, limit_s: float, args: argparse.Namespace) -> dict[str
 
 
 def bench_step(script: str, argv: list[str], limit_s: float, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), **(env_extra or {}))
     r = run_bounded([sys.executable, str(ROOT / "bench" / script), *argv], limit_s, env)
     figures = last_json(r["output"]) if r["rc"] == 0 else None
     if figures is None:
@@ -249,7 +254,7 @@ def step_faiss(limit_s: float) -> dict[str, Any]:
 
 def step_tests(limit_s: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "tests"]
-    r = run_bounded(cmd, limit_s, dict(os.environ, PYTHONPATH=str(ROOT)))
+    r = run_bounded(cmd, limit_s, dict(os.environ, PYTHONPATH=_pythonpath()))
     pattern = r"(\d+) (passed|failed|skipped|errors?|deselected)"
     final = next((ln for ln in reversed(r["output"].splitlines()) if re.search(pattern, ln)), "")
     counts = {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in re.findall(pattern, final)}
