@@ -8,6 +8,7 @@ recorded and the next one runs):
   tests     every GPU-marked test (`pytest -m gpu`);
   train     DeepSpeed ZeRO-3 bf16 steps of the largest random Llama that fits quickly, through
             ragdist's own engine (ragdist.train.engine.build_engine): tokens/s, peak GPU memory;
+  fsdp      the same steps through the FSDP2 engine (bf16 mixed precision);
   eval      a sharded evaluation: the built-in airports indexed in 2 shards served from the GPU by
             the retrieval service, a random generator on the GPU, ragdist.eval.runner.evaluate_model;
   search    faiss-gpu shard actors vs one in-process faiss-gpu index (bench/retrieval.py --device gpu);
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Per-step ceilings (seconds); each step is also cut at what is left of --budget-s.
-LIMITS = {"faiss": 240, "tests": 180, "train": 150, "eval": 150, "search": 120, "kernels": 120}
+LIMITS = {"faiss": 240, "tests": 180, "train": 150, "fsdp": 120, "eval": 150, "search": 120, "kernels": 120}
 
 # Random Llama sizes for the training step, by GPU memory: (min GiB, hidden, layers, heads, ffn, seq, batch).
 # ZeRO-3 with AdamW on one GPU holds ~20 bytes per parameter plus activations; each of these starts
@@ -302,8 +303,9 @@ def _peak_gb(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
-def child_train(size: str, device: str = "cuda") -> dict[str, Any]:
-    """ZeRO-3 bf16 steps of a random Llama on this GPU through ragdist's DeepSpeed engine (1 rank).
+def child_train(size: str, device: str = "cuda", engine_name: str = "deepspeed") -> dict[str, Any]:
+    """ZeRO-3 bf16 steps of a random Llama on this GPU through ragdist's DeepSpeed engine (1 rank), or
+    the same steps through the FSDP2 engine (`engine_name="fsdp"`).
 
     `device="cpu"` runs the same code on a CPU rank (gloo), only to test it where there is no GPU.
     """
@@ -323,7 +325,7 @@ def child_train(size: str, device: str = "cuda") -> dict[str, Any]:
     name, (_, hidden, layers, heads, ffn, seq, batch) = _size(size)
     mcfg = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn, max_position=seq)
     tok = load_tokenizer(mcfg)
-    trainer = TrainerConfig(engine="deepspeed", zero_stage=3, precision="bf16", micro_batch_size=batch,
+    trainer = TrainerConfig(engine=engine_name, zero_stage=3, precision="bf16", micro_batch_size=batch,
                             max_seq_len=seq, warmup_steps=0, max_steps=100, lr=1e-4)  # fmt: skip
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as run_dir:
@@ -350,7 +352,8 @@ def child_train(size: str, device: str = "cuda") -> dict[str, Any]:
     step_s = statistics.median(times[1:])
     return {
         "size": name, "params_m": round(params / 1e6, 1), "hidden": hidden, "layers": layers, "seq": seq,
-        "micro_batch": batch, "zero_stage": 3, "precision": "bf16", "setup_s": round(setup_s, 1),
+        "micro_batch": batch, "engine": engine_name, "zero_stage": 3 if engine_name == "deepspeed" else None,
+        "precision": "bf16", "setup_s": round(setup_s, 1),
         "first_step_s": round(times[0], 3), "step_s": round(step_s, 4), "tokens_per_s": round(batch * seq / step_s, 1),
         "losses": [round(x, 4) for x in losses], "loss_finite": all(math.isfinite(x) for x in losses),
         "peak_gpu_mem_gb": peak, "device": str(engine_device),
@@ -431,6 +434,7 @@ def headline(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     train, ev, search = steps.get("train", {}), steps.get("eval", {}), steps.get("search", {})
     kern = steps.get("kernels", {})
     out["tokens_per_s"] = train.get("tokens_per_s")
+    out["fsdp_tokens_per_s"] = steps.get("fsdp", {}).get("tokens_per_s")
     ratio = (search.get("figures") or {}).get("service_ratio") or {}
     out["search_qps_ratio"] = ratio or None  # shards / in-process, per batch size
     out["search_qps_ratio_min"] = min(ratio.values()) if ratio else None
@@ -443,7 +447,7 @@ def headline(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     qps, fq = topk.get("qps") or {}, topk.get("faiss_gpu_qps") or {}
     out["topk_vs_faiss_gpu"] = {b: round(qps[b] / fq[b], 3) for b in qps if fq.get(b)} or None
     # torch.cuda.max_memory_allocated of the training and the evaluation process
-    peaks = [s.get("peak_gpu_mem_gb") for s in (train, ev) if s.get("peak_gpu_mem_gb") is not None]
+    peaks = [s.get("peak_gpu_mem_gb") for s in (train, steps.get("fsdp", {}), ev) if s.get("peak_gpu_mem_gb") is not None]
     out["peak_gpu_mem_gb"] = max(peaks) if peaks else None
     out["eval_recall@3"] = ev.get("recall@3")
     tests = steps.get("tests", {})
@@ -457,14 +461,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=450.0, help="steps end by then (each is cut at what is left)")
     ap.add_argument("--size", default="auto", choices=["auto", *SIZES], help="random model for train/eval")
     ap.add_argument("--only", default="", help="comma-separated steps to run (default: all)")
-    ap.add_argument("--step", choices=["train", "eval"], help=argparse.SUPPRESS)
+    ap.add_argument("--step", choices=["train", "fsdp", "eval"], help=argparse.SUPPRESS)
     ap.add_argument("--step-out", help=argparse.SUPPRESS)
     ap.add_argument("--step-device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.step:
-        run_step = child_train if args.step == "train" else child_eval
-        figures = run_step(args.size, args.step_device)
+        if args.step == "eval":
+            figures = child_eval(args.size, args.step_device)
+        else:
+            figures = child_train(args.size, args.step_device, "fsdp" if args.step == "fsdp" else "deepspeed")
         Path(args.step_out).write_text(json.dumps(figures))
         return 0
 
@@ -486,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         "faiss": lambda lim: step_faiss(lim),
         "tests": lambda lim: step_tests(lim),
         "train": lambda lim: python_step("train", lim, args),
+        "fsdp": lambda lim: python_step("fsdp", lim, args),
         "eval": lambda lim: python_step("eval", lim, args),
         "search": lambda lim: bench_step(
             "retrieval.py",

@@ -91,6 +91,13 @@ def test_training_step_code_runs_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_training_step_code_runs_on_cpu(tmp_path):
+    got = _step("fsdp", tmp_path)
+    assert (got["engine"], got["zero_stage"], got["precision"], got["device"]) == ("fsdp", None, "bf16", "cpu")
+    assert got["tokens_per_s"] > 0 and got["loss_finite"] and got["losses"][-1] < got["losses"][0]
+
+
+@pytest.mark.slow
 def test_sharded_eval_code_runs_on_cpu(tmp_path):
     got = _step("eval", tmp_path)
     assert got["shard_devices"] == ["cpu", "cpu"] and got["questions"] == 24 and got["passages"] == 200
