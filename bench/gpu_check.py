@@ -444,6 +444,7 @@ def headline(steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     topk = ((kern.get("topk") or {}).get("gpu")) or {}
     out["topk_backend"] = topk.get("backend")
     out["topk_triton_speedup_vs_torch"] = topk.get("triton_speedup_vs_torch")
+    out["topk_auto_speedup_vs_torch"] = topk.get("auto_speedup_vs_torch")  # Triton where faster, else torch
     qps, fq = topk.get("qps") or {}, topk.get("faiss_gpu_qps") or {}
     out["topk_vs_faiss_gpu"] = {b: round(qps[b] / fq[b], 3) for b in qps if fq.get(b)} or None
     # torch.cuda.max_memory_allocated of the training and the evaluation process

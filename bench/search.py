@@ -5,7 +5,9 @@ batch size (measurements interleaved, so load drift on a shared machine hits bot
 that the returned ids are identical, and measures the machine's fp32 GEMM rate (torch.mm of the
 search shape and of a large square, max of the two) to express our throughput as a fraction of it.
 With CUDA, the GPU path is also timed (and faiss.GpuIndexFlatIP when faiss has GPUs); when that path
-is the Triton kernel, the torch-on-CUDA reference scan is timed beside it, id for id.
+is the Triton kernel, the torch-on-CUDA reference scan and the Triton scan forced on every batch are
+timed beside it, id for id (the automatic choice runs Triton only where it was measured faster:
+ragdist.kernels.topk.scan_kernel).
 
 The last line printed is one JSON object with the figures.
 
@@ -218,17 +220,21 @@ def main(argv: list[str] | None = None) -> dict:
 def _gpu_section(args, xb, queries, batches) -> dict:
     import faiss
 
-    from ragdist.kernels import TorchFlatIP, select_backend
+    from ragdist.kernels import TorchFlatIP, scan_kernel, select_backend
 
     out: dict = {"backend": select_backend("cuda"), "qps": {}, "faiss_gpu_qps": {}, "db_dtype": args.db_dtype}
     ours = TorchFlatIP(args.d, db_dtype=args.db_dtype, device="cuda")
     ours.add(xb)
-    # The Triton kernel's reference: the same search as blocked torch GEMM + topk on the GPU.
-    torch_ref = None
+    # The Triton kernel's reference: the same search as blocked torch GEMM + topk on the GPU; and the
+    # Triton scan on every batch, whatever the automatic choice (`ours`) runs.
+    torch_ref = triton_all = None
     if out["backend"] == "triton":
         torch_ref = TorchFlatIP(args.d, db_dtype=args.db_dtype, device="torch-cuda")
         torch_ref.add(xb)
-        out.update(torch_cuda_qps={}, triton_speedup_vs_torch={}, id_mismatches_vs_torch_cuda=0)
+        triton_all = TorchFlatIP(args.d, db_dtype=args.db_dtype, device="triton")
+        triton_all.add(xb)
+        out.update(kernel={}, torch_cuda_qps={}, triton_qps={}, triton_speedup_vs_torch={}, auto_speedup_vs_torch={},
+                   id_mismatches_vs_torch_cuda=0)  # fmt: skip
     gpu_ref = None
     if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         res = faiss.StandardGpuResources()
@@ -241,19 +247,26 @@ def _gpu_section(args, xb, queries, batches) -> dict:
         if gpu_ref is not None:
             fns["faiss_gpu"] = lambda q=q: gpu_ref.search(q, args.k)
             mism += int((ours.search(q, args.k)[1] != gpu_ref.search(q, args.k)[1]).sum())
-        if torch_ref is not None:
+        if torch_ref is not None and triton_all is not None:
             fns["torch_cuda"] = lambda q=q: torch_ref.search(q, args.k)
-            out["id_mismatches_vs_torch_cuda"] += int((ours.search(q, args.k)[1] != torch_ref.search(q, args.k)[1]).sum())
+            fns["triton"] = lambda q=q: triton_all.search(q, args.k)
+            ref_ids = torch_ref.search(q, args.k)[1]
+            for idx in (ours, triton_all):
+                out["id_mismatches_vs_torch_cuda"] += int((idx.search(q, args.k)[1] != ref_ids).sum())
         t = _interleaved(fns, args.repeats)
         out["qps"][str(bs)] = round(bs / t["ours"], 1)
         if torch_ref is not None:
+            out["kernel"][str(bs)] = scan_kernel(out["backend"], bs, args.k, args.db_dtype)
             out["torch_cuda_qps"][str(bs)] = round(bs / t["torch_cuda"], 1)
-            out["triton_speedup_vs_torch"][str(bs)] = round(t["torch_cuda"] / t["ours"], 3)
+            out["triton_qps"][str(bs)] = round(bs / t["triton"], 1)
+            out["triton_speedup_vs_torch"][str(bs)] = round(t["torch_cuda"] / t["triton"], 3)
+            out["auto_speedup_vs_torch"][str(bs)] = round(t["torch_cuda"] / t["ours"], 3)
         if gpu_ref is not None:
             out["faiss_gpu_qps"][str(bs)] = round(bs / t["faiss_gpu"], 1)
         print(
-            f"[gpu] batch {bs:5d}: ours[{out['backend']}] {bs / t['ours']:10.1f} qps"
-            + (f" | torch-cuda {bs / t['torch_cuda']:10.1f} qps" if torch_ref is not None else "")
+            f"[gpu] batch {bs:5d}: ours[{out.get('kernel', {}).get(str(bs), out['backend'])}] {bs / t['ours']:10.1f} qps"
+            + (f" | triton {bs / t['triton']:10.1f} | torch-cuda {bs / t['torch_cuda']:10.1f} qps"
+               if torch_ref is not None else "")  # fmt: skip
             + (f" | faiss-gpu {bs / t['faiss_gpu']:10.1f} qps" if gpu_ref is not None else "")
         )
     out["id_mismatches_vs_faiss_gpu"] = mism if gpu_ref is not None else None

@@ -24,6 +24,7 @@ from ragdist.kernels import (
 )
 from ragdist.kernels import linear_ce as lce_mod
 from ragdist.kernels import topk as topk_mod
+from ragdist.kernels.topk import TRITON_MAX_QUERIES, scan_kernel, triton_forced
 
 faiss = pytest.importorskip("faiss")
 
@@ -260,7 +261,7 @@ def test_triton_modules_import_without_triton():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("device", ["torch-cuda", "triton"])
+@pytest.mark.parametrize("device", ["torch-cuda", "triton", "cuda"])
 @pytest.mark.parametrize("db_dtype", ["fp32", "bf16"])
 def test_topk_cuda_matches_faiss(device, db_dtype):
     if device == "triton" and not triton_topk.triton_available():
@@ -277,6 +278,21 @@ def test_topk_cuda_matches_faiss(device, db_dtype):
     xb5, xq5 = _data(5, 3, 96)
     D, ids = exact_topk_ip(xq5, torch.from_numpy(xb5).cuda(), 8, db_dtype=db_dtype)
     assert (ids[:, 5:] == -1).all() and (D[:, 5:] == np.float32(FAISS_IP_PAD_SCORE)).all()
+
+
+def test_triton_scan_runs_only_where_it_was_measured_faster(monkeypatch):
+    # chosen automatically: a bf16 database and small batches; torch's GEMM for the rest
+    assert scan_kernel("triton", 16, 10, "bf16") == "triton"
+    assert scan_kernel("triton", TRITON_MAX_QUERIES, 10, "bf16") == "triton"
+    assert scan_kernel("triton", TRITON_MAX_QUERIES + 1, 10, "bf16") == "torch"
+    assert scan_kernel("triton", 16, 10, "fp32") == "torch"
+    assert scan_kernel("torch-cuda", 16, 10, "bf16") == scan_kernel("torch-cpu", 16, 10, "bf16") == "torch"
+    # asked for by name: Triton on every batch that fits a tile
+    assert scan_kernel("triton", 4096, 10, "fp32", forced=True) == "triton"
+    assert scan_kernel("triton", 16, triton_topk.MAX_TILE_K + 1, "fp32", forced=True) == "torch"
+    assert triton_forced("triton") and not triton_forced("cuda") and not triton_forced("auto")
+    monkeypatch.setenv("RAGDIST_TOPK_BACKEND", "triton")
+    assert triton_forced("auto") and not triton_forced("cuda")
 
 
 # ------------------------------------------------------------------ linear + cross-entropy

@@ -15,6 +15,7 @@ from .topk import (
     TopKConfig,
     TorchFlatIP,
     exact_topk_ip,
+    scan_kernel,
     select_backend,
 )
 from .triton_topk import triton_available
@@ -27,6 +28,7 @@ __all__ = [
     "fused_linear_ce_available",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "scan_kernel",
     "select_backend",
     "triton_available",
 ]

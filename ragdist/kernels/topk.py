@@ -51,6 +51,13 @@ _DEFAULT_BLOCK = {
 #: Upper bound on the (query chunk x block) score buffer.
 _SCORE_BUFFER_BYTES = 128 << 20
 
+#: Largest query batch the Triton scan takes when the backend is chosen automatically; larger
+#: batches, and every batch on an fp32 database, go to torch's GEMM + topk on the GPU.  Measured on
+#: an H100 (1M x 384 database, k=10, bench/search.py --gpu-only): Triton vs torch on a bf16 database
+#: 3.3x at 16 queries, 1.16x at 256, 0.59x at 1024; on an fp32 database 0.86x, 0.77x, 0.69x.
+#: ``device="triton"`` (or ``RAGDIST_TOPK_BACKEND=triton``) runs Triton for every batch.
+TRITON_MAX_QUERIES = 256
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -233,6 +240,7 @@ def _search(
     block_size: int | None,
     backend: str,
     scratch: dict | None = None,
+    triton_always: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k on resident tensors; returns padded (nq, k) fp32 scores and int64 ids (on device)."""
     nq = q32.shape[0]
@@ -248,11 +256,11 @@ def _search(
     block = block_size or _DEFAULT_BLOCK[dkey]
     itemsize = scan_db.element_size()
     qchunk = max(1, min(nq, _SCORE_BUFFER_BYTES // (itemsize * min(block, nb))))
-    use_triton = backend == "triton" and kk <= triton_topk.MAX_TILE_K
     for s in range(0, nq, qchunk):
         qc = q32[s : s + qchunk]
         qx = qc if not bf16 else qc.to(torch.bfloat16)
-        if use_triton:
+        kernel = scan_kernel(backend, qc.shape[0], k, "bf16" if bf16 else "fp32", forced=triton_always)
+        if kernel == "triton" and kk <= triton_topk.MAX_TILE_K:
             v, i = _scan_triton(qx.contiguous(), scan_db, kk)
         else:
             v, i = _scan_torch(qx, scan_db, kk, block, scratch)
@@ -265,6 +273,26 @@ def _search(
         out_v[s : s + qchunk, :n] = v
         out_i[s : s + qchunk, :n] = i
     return out_v, out_i
+
+
+def triton_forced(device_pref: str = "auto") -> bool:
+    """Whether ``device_pref`` (or, for ``auto``, ``RAGDIST_TOPK_BACKEND``) asks for Triton on every batch."""
+    pref = (device_pref or "auto").lower()
+    if pref == "auto":
+        pref = os.environ.get("RAGDIST_TOPK_BACKEND", "auto").lower()
+    return pref == "triton"
+
+
+def scan_kernel(backend: str, nq: int, k: int, db_dtype: str, *, forced: bool = False) -> str:
+    """Which scan a batch of ``nq`` queries runs on: ``"triton"`` or ``"torch"``.
+
+    Triton when the backend is ``triton`` and the candidates fit one tile, and then only where it was
+    measured faster (a bf16 database, at most ``TRITON_MAX_QUERIES`` queries) unless ``forced``.
+    """
+    bf16 = db_dtype == "bf16"
+    if backend != "triton" or _candidates(k, bf16) > triton_topk.MAX_TILE_K:
+        return "torch"
+    return "triton" if forced or (bf16 and nq <= TRITON_MAX_QUERIES) else "torch"
 
 
 def _resolve_device(backend: str) -> torch.device:
@@ -311,7 +339,8 @@ def exact_topk_ip(
             exact = db.to(device=dev, dtype=torch.float32)
             scan = exact if db_dtype == "fp32" else exact.to(torch.bfloat16)
         q32 = q.to(device=dev, dtype=torch.float32)
-        v, i = _search(q32, scan.contiguous(), exact, k, block_size=block_size, backend=backend)
+        v, i = _search(q32, scan.contiguous(), exact, k, block_size=block_size, backend=backend,
+                       triton_always=triton_forced(device))  # fmt: skip
     return v.cpu().numpy(), i.cpu().numpy()
 
 
@@ -349,6 +378,7 @@ class TorchFlatIP:
         self.d = int(d)
         self.db_dtype = db_dtype
         self.backend = select_backend(device)
+        self.triton_always = triton_forced(device)
         self.device = _resolve_device(self.backend)
         self.block_size = int(block_size) or None
         self.threads = int(threads) or None
@@ -420,6 +450,7 @@ class TorchFlatIP:
                 block_size=self.block_size,
                 backend=self.backend,
                 scratch=self._scratch,
+                triton_always=self.triton_always,
             )
         return v.cpu().numpy(), i.cpu().numpy()
 
