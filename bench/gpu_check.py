@@ -352,7 +352,7 @@ def child_train(size: str, device: str = "cuda", engine_name: str = "deepspeed")
     step_s = statistics.median(times[1:])
     return {
         "size": name, "params_m": round(params / 1e6, 1), "hidden": hidden, "layers": layers, "seq": seq,
-        "micro_batch": batch, "engine": engine_name, "zero_stage": 3 if engine_name == "deepspeed" else None,
+        "micro_batch": batch, "engine": engine_name, "zero_stage": trainer.zero_stage if engine_name == "deepspeed" else None,
         "precision": "bf16", "setup_s": round(setup_s, 1),
         "first_step_s": round(times[0], 3), "step_s": round(step_s, 4), "tokens_per_s": round(batch * seq / step_s, 1),
         "losses": [round(x, 4) for x in losses], "loss_finite": all(math.isfinite(x) for x in losses),
