@@ -281,11 +281,11 @@ def test_topk_cuda_matches_faiss(device, db_dtype):
 
 
 def test_triton_scan_runs_only_where_it_was_measured_faster(monkeypatch):
-    # chosen automatically: a bf16 database and small batches; torch's GEMM for the rest
-    assert scan_kernel("triton", 16, 10, "bf16") == "triton"
+    # chosen automatically: small batches; torch's GEMM for the rest
+    assert scan_kernel("triton", 16, 10, "bf16") == scan_kernel("triton", 16, 10, "fp32") == "triton"
     assert scan_kernel("triton", TRITON_MAX_QUERIES, 10, "bf16") == "triton"
     assert scan_kernel("triton", TRITON_MAX_QUERIES + 1, 10, "bf16") == "torch"
-    assert scan_kernel("triton", 16, 10, "fp32") == "torch"
+    assert scan_kernel("triton", 16, triton_topk.MAX_TILE_K, "bf16") == "torch"  # k + 16 candidates: too many
     assert scan_kernel("torch-cuda", 16, 10, "bf16") == scan_kernel("torch-cpu", 16, 10, "bf16") == "torch"
     # asked for by name: Triton on every batch that fits a tile
     assert scan_kernel("triton", 4096, 10, "fp32", forced=True) == "triton"

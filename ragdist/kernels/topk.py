@@ -52,11 +52,12 @@ _DEFAULT_BLOCK = {
 _SCORE_BUFFER_BYTES = 128 << 20
 
 #: Largest query batch the Triton scan takes when the backend is chosen automatically; larger
-#: batches, and every batch on an fp32 database, go to torch's GEMM + topk on the GPU.  Measured on
-#: an H100 (1M x 384 database, k=10, bench/search.py --gpu-only): Triton vs torch on a bf16 database
-#: 3.3x at 16 queries, 1.16x at 256, 0.59x at 1024; on an fp32 database 0.86x, 0.77x, 0.69x.
+#: batches go to torch's GEMM + topk on the GPU.  Measured on an H100 (1M x 384 database, k=10,
+#: bench/search.py --gpu-only, two runs), Triton vs torch: bf16 database 3.3x and 2.8x at 16 queries,
+#: 2.4x at 64, 1.16x and 0.88x at 256, 0.67x at 512, 0.59x at 1024; fp32 database 0.86x and 1.29x at
+#: 16, 1.38x at 64, 0.77x and 0.76x at 256, 0.65-0.69x from 512 on.
 #: ``device="triton"`` (or ``RAGDIST_TOPK_BACKEND=triton``) runs Triton for every batch.
-TRITON_MAX_QUERIES = 256
+TRITON_MAX_QUERIES = 128
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -287,12 +288,11 @@ def scan_kernel(backend: str, nq: int, k: int, db_dtype: str, *, forced: bool = 
     """Which scan a batch of ``nq`` queries runs on: ``"triton"`` or ``"torch"``.
 
     Triton when the backend is ``triton`` and the candidates fit one tile, and then only where it was
-    measured faster (a bf16 database, at most ``TRITON_MAX_QUERIES`` queries) unless ``forced``.
+    measured faster (at most ``TRITON_MAX_QUERIES`` queries) unless ``forced``.
     """
-    bf16 = db_dtype == "bf16"
-    if backend != "triton" or _candidates(k, bf16) > triton_topk.MAX_TILE_K:
+    if backend != "triton" or _candidates(k, db_dtype == "bf16") > triton_topk.MAX_TILE_K:
         return "torch"
-    return "triton" if forced or (bf16 and nq <= TRITON_MAX_QUERIES) else "torch"
+    return "triton" if forced or nq <= TRITON_MAX_QUERIES else "torch"
 
 
 def _resolve_device(backend: str) -> torch.device:

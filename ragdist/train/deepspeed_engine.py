@@ -36,7 +36,11 @@ def zero3_sizes(hidden_size: int) -> dict[str, int]:
     live, reused within 1e9) keep a model under ~0.5-1B parameters gathered whole from forward to
     backward, and its 5e8-element gradient bucket alone can outweigh the partition of such a model,
     so ZeRO-3 then holds more per rank than a full copy. Models of hidden ≥ 6,456 (70B class) keep
-    DeepSpeed's defaults for the gathered bound."""
+    DeepSpeed's defaults for the gathered bound.
+
+    Used on CPU ranks only. On a GPU these small buckets cost speed for little memory: a 1.2B random
+    Llama (hidden 2,048, seq 1,024, micro-batch 8, bf16, one H100) stepped at 16.8k tokens/s with them
+    and 25.3k with DeepSpeed's defaults (14.0k vs 19.4k on another machine), at 34.2 vs 35.1 GB peak."""
     h2 = hidden_size * hidden_size
     live = min(10**9, 24 * h2)
     return {
@@ -51,7 +55,8 @@ def zero3_sizes(hidden_size: int) -> dict[str, int]:
 
 def deepspeed_config(cfg: TrainerConfig, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
     """Derived from the trainer config: the global batch is computed here, never written twice.
-    `hidden_size` (the model's) sizes ZeRO-3's buckets (`zero3_sizes`)."""
+    `hidden_size` (the model's) sizes ZeRO-3's buckets on CPU ranks (`zero3_sizes`); GPU ranks keep
+    DeepSpeed's defaults (faster there; `trainer.ds_config` for anything else)."""
     if cfg.ds_config:
         p = Path(cfg.ds_config)
         if not p.is_file():
@@ -79,7 +84,7 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int, hidden_size: int | Non
     cuda = torch.cuda.is_available()
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-        if hidden_size:
+        if hidden_size and not cuda:
             zero.update(zero3_sizes(hidden_size))
     elif cfg.zero_stage in (1, 2) and not cuda:
         # The contiguous gradient buffer saves GPU memory from fragmenting; on CPU it is only an
