@@ -41,7 +41,7 @@ def zero3_sizes(hidden_size: int) -> dict[str, int]:
     Used on CPU ranks only. On a GPU these small buckets cost speed for little memory: a 1.2B random
     Llama (hidden 2,048, seq 1,024, micro-batch 8, bf16, one H100) stepped at 16.8k tokens/s with them
     and 25.3k with DeepSpeed's defaults, side by side (14.0k vs 19.4k on another H100), at 34.2 vs
-    35.1 GB peak (README, "Measured on one H100")."""
+    35.1 GB peak (README, "Measured on H100 GPUs")."""
     h2 = hidden_size * hidden_size
     live = min(10**9, 24 * h2)
     return {
