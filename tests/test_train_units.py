@@ -115,6 +115,13 @@ def test_zero3_buffers_scale_with_the_model():
     assert "reduce_bucket_size" not in deepspeed_config(TrainerConfig(zero_stage=2), 2, hidden_size=768)["zero_optimization"]
 
 
+def test_zero3_on_gpu_ranks_keeps_deepspeeds_buckets(monkeypatch):
+    # On a GPU the small buckets cost speed (README, "Measured on H100 GPUs"): DeepSpeed's own sizes.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    zero = deepspeed_config(TrainerConfig(zero_stage=3, precision="bf16"), 2, hidden_size=2048)["zero_optimization"]
+    assert zero == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+
+
 def test_raw_deepspeed_json(tmp_path):
     p = tmp_path / "ds.json"
     p.write_text('{"zero_optimization": {"stage": 1}, "train_batch_size": 999}')
