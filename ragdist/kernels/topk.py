@@ -77,6 +77,14 @@ class TopKConfig:
     device: str = "auto"
 
 
+def _preference(device_pref: str) -> str:
+    """The device preference as asked: ``auto`` resolved through ``RAGDIST_TOPK_BACKEND``."""
+    pref = (device_pref or "auto").lower()
+    if pref == "auto":
+        pref = os.environ.get("RAGDIST_TOPK_BACKEND", "auto").lower() or "auto"
+    return pref
+
+
 def select_backend(device_pref: str = "auto") -> str:
     """Pick the top-k implementation: ``"triton"``, ``"torch-cuda"`` or ``"torch-cpu"``.
 
@@ -85,9 +93,7 @@ def select_backend(device_pref: str = "auto") -> str:
     raises ``RuntimeError`` without one.  The backend names themselves are accepted too.
     The environment variable ``RAGDIST_TOPK_BACKEND`` overrides ``auto``.
     """
-    pref = (device_pref or "auto").lower()
-    if pref == "auto":
-        pref = os.environ.get("RAGDIST_TOPK_BACKEND", "auto").lower() or "auto"
+    pref = _preference(device_pref)
     if pref in ("cpu", "torch-cpu"):
         return "torch-cpu"
     if pref not in ("auto", "cuda", "triton", "torch-cuda"):
@@ -257,11 +263,11 @@ def _search(
     block = block_size or _DEFAULT_BLOCK[dkey]
     itemsize = scan_db.element_size()
     qchunk = max(1, min(nq, _SCORE_BUFFER_BYTES // (itemsize * min(block, nb))))
+    dtype_name = "bf16" if bf16 else "fp32"
     for s in range(0, nq, qchunk):
         qc = q32[s : s + qchunk]
         qx = qc if not bf16 else qc.to(torch.bfloat16)
-        kernel = scan_kernel(backend, qc.shape[0], k, "bf16" if bf16 else "fp32", forced=triton_always)
-        if kernel == "triton" and kk <= triton_topk.MAX_TILE_K:
+        if scan_kernel(backend, qc.shape[0], k, dtype_name, forced=triton_always) == "triton":
             v, i = _scan_triton(qx.contiguous(), scan_db, kk)
         else:
             v, i = _scan_torch(qx, scan_db, kk, block, scratch)
@@ -278,10 +284,7 @@ def _search(
 
 def triton_forced(device_pref: str = "auto") -> bool:
     """Whether ``device_pref`` (or, for ``auto``, ``RAGDIST_TOPK_BACKEND``) asks for Triton on every batch."""
-    pref = (device_pref or "auto").lower()
-    if pref == "auto":
-        pref = os.environ.get("RAGDIST_TOPK_BACKEND", "auto").lower()
-    return pref == "triton"
+    return _preference(device_pref) == "triton"
 
 
 def scan_kernel(backend: str, nq: int, k: int, db_dtype: str, *, forced: bool = False) -> str:

@@ -273,9 +273,12 @@ class AnswerSwap:
         word = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
         if not (pool or made_up) or not answer.strip() or not any(word.search(p["text"]) for p in passages):
             return ex.question, answer, passages
-        new = pool[int(rng.integers(len(pool)))] if pool and (self.words_only or not made_up) else answer
-        if made_up:
-            new = made_up_answer(new, self.pieces, rng, self.words_only)
+        if made_up and not self.words_only:  # the whole answer made up in its own form
+            new = made_up_answer(answer, self.pieces, rng)
+        else:  # another training answer of its shape, its words made up under `words`
+            new = pool[int(rng.integers(len(pool)))] if pool else answer
+            if made_up:
+                new = made_up_answer(new, self.pieces, rng, words_only=True)
         if new == answer:
             return ex.question, answer, passages
         def swap(text: str) -> str:
