@@ -80,6 +80,17 @@ def test_a_value_given_beats_the_recipe():
     assert (tiny.trainer.max_steps, tiny.trainer.pretext.steps, tiny.model.prompt_loss_weight) == (30, 0, 0.0)
 
 
+def test_the_run_seed_reaches_the_model_and_the_trainer():
+    default = as_object(compose(["run_dir=/tmp/x"]))
+    assert (default.seed, default.model.seed, default.trainer.seed) == (0, 0, 0)
+    run = as_object(compose(["+experiment=demo", "seed=3", "run_dir=/tmp/x"]))
+    assert (run.model.seed, run.trainer.seed) == (3, 3)
+    # the dataset split and the evaluation's perturbations stay put: every seed is scored on the same questions
+    assert (run.data.seed, run.eval.seed, run.index.seed) == (default.data.seed, default.eval.seed, default.index.seed)
+    own = as_object(compose(["seed=3", "model.seed=5", "run_dir=/tmp/x"]))
+    assert (own.model.seed, own.trainer.seed) == (5, 3)
+
+
 def test_unknown_key_fails_at_compose_naming_it():
     with pytest.raises(ConfigCompositionException, match="num_shard"):
         compose(["index.num_shard=4"])
