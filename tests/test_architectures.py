@@ -11,13 +11,14 @@ program; the tests below read what it wrote.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.ranks import run_worker_ranks, worker_main
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -198,13 +199,7 @@ def worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def archs_run(tmp_path_factory):
-    from ragdist.distributed import launch_local
-
-    out = tmp_path_factory.mktemp("archs") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    rc = launch_local([sys.executable, str(Path(__file__).resolve()), "--worker", str(out)], 2, env=env)
-    assert rc == 0, f"ranks failed with status {rc}"
-    return json.loads(out.read_text())
+    return run_worker_ranks(__file__, tmp_path_factory.mktemp("archs") / "results.json")
 
 
 def _close(a, b, rtol):
@@ -284,9 +279,4 @@ def test_model_dtype_and_gradient_checkpointing(archs_run):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.path.insert(0, str(ROOT))
-        worker(sys.argv[2])
-    else:
-        print("usage: python tests/test_architectures.py --worker OUT.json", file=sys.stderr)
-        sys.exit(2)
+    worker_main(worker)

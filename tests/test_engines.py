@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.ranks import run_worker_ranks, worker_main
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 
@@ -199,14 +201,8 @@ def _shm_calls() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def engines_run(tmp_path_factory):
-    from ragdist.distributed import launch_local
-
     out = tmp_path_factory.mktemp("engines") / "results.json"
-    # CPU ranks over gloo even where a GPU exists (two ranks cannot share one GPU under NCCL)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    rc = launch_local([sys.executable, str(Path(__file__).resolve()), "--worker", str(out)], 2, env=env)
-    assert rc == 0, f"engine ranks failed with status {rc}"
-    return json.loads(out.read_text()), out.parent
+    return run_worker_ranks(__file__, out), out.parent
 
 
 def _close(a, b, rtol):
@@ -288,9 +284,4 @@ def test_preemption_checkpoints_and_resumes_exactly(engines_run):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.path.insert(0, str(ROOT))
-        worker(sys.argv[2])
-    else:
-        print("usage: python tests/test_engines.py --worker OUT.json", file=sys.stderr)
-        sys.exit(2)
+    worker_main(worker)

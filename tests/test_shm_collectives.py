@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ranks import run_worker_ranks, worker_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,13 +79,7 @@ def worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def shm_run(tmp_path_factory):
-    from ragdist.distributed import launch_local
-
-    out = tmp_path_factory.mktemp("shm") / "results.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    rc = launch_local([sys.executable, str(Path(__file__).resolve()), "--worker", str(out)], 2, env=env)
-    assert rc == 0, f"ranks failed with status {rc}"
-    return json.loads(out.read_text())
+    return run_worker_ranks(__file__, tmp_path_factory.mktemp("shm") / "results.json")
 
 
 def test_all_reduce_and_all_gather_match_gloo_bitwise(shm_run):
@@ -108,8 +103,4 @@ def test_no_region_file_outlives_its_setup(shm_run):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.path.insert(0, str(ROOT))
-        worker(sys.argv[2])
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    worker_main(worker)
