@@ -15,6 +15,9 @@ DATA = ROOT / "tests" / "data"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ranks started by any launcher in a test talk over loopback (gloo otherwise binds the address the
+# hostname resolves to)
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@ the fused-loss path, and the local launcher's exit-status rules."""
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 
@@ -129,7 +130,7 @@ def _py(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def test_launcher_exit_status_rules():
+def test_launcher_exit_status_rules(monkeypatch):
     assert launch_local(_py("import sys; sys.exit(0)"), 2) == 0
     assert launch_local(_py(f"import sys; sys.exit({REQUEUE_EXIT_CODE})"), 2) == REQUEUE_EXIT_CODE
     # one rank fails: its status is returned and the other (which would sleep a minute) is stopped
@@ -141,3 +142,9 @@ def test_launcher_exit_status_rules():
     assert time.perf_counter() - t0 < 30
     env_code = "import os, sys; sys.exit(0 if os.environ['WORLD_SIZE'] == '3' and os.environ['MASTER_ADDR'] == '127.0.0.1' else 1)"
     assert launch_local(_py(env_code), 3) == 0
+    # the ranks' gloo pairs on loopback unless the caller chose an interface; this process's own
+    # environment is left as it was
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    lo_code = "import os, sys; sys.exit(0 if os.environ.get('GLOO_SOCKET_IFNAME') == 'lo' else 1)"
+    assert launch_local(_py(lo_code), 2) == 0
+    assert "GLOO_SOCKET_IFNAME" not in os.environ

@@ -116,6 +116,8 @@ def launch_local(
     # the agent sets this from `signals_to_handle`; restored afterwards like the rest
     updates.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", config.signals_to_handle)
     updates.setdefault("MASTER_ADDR", "127.0.0.1")
+    # Every rank is on this node: gloo's pairs on loopback too, not on whatever the hostname resolves to
+    updates.setdefault("GLOO_SOCKET_IFNAME", "lo")
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         with _environ(updates):
