@@ -144,6 +144,11 @@ def test_compare_trains_missing_rows_then_reuses_them(ray_cluster, tmp_path):
     ]
     assert again["retrieval"]["joint"]["recall_curve"] == again["retrieval"]["main"]["recall_curve"]
     assert again["setup"]["joint"]["checkpoint"] == str(run / "checkpoints" / "rag")
+    # the first call's budget came from the tiny experiment; this call's eval group leaves it to the
+    # training answers, which all fit (the tiny eval answers too)
+    assert report["setup"]["max_new_tokens_from"] == "eval.max_new_tokens"
+    assert again["setup"]["max_new_tokens_from"].startswith("the longest training answer")
+    assert again["setup"]["answers_over_budget"] == 0 and not again["notes"]
     assert "random distractor" in (run / "report.md").read_text()
 
 

@@ -490,3 +490,30 @@ def test_sequential_model_is_asked_one_passage_at_a_time() -> None:
     # concat: one prompt holding every passage, as before
     cat = generate_all(model, tok, exs, ctxs, cfg, concat)
     assert cat.prompt_tokens == [len(prompt_ids(tok, ex.question, c, 128, concat)) for ex, c in zip(exs, ctxs)]
+
+
+def test_answer_budget_fits_the_longest_training_answer() -> None:
+    from ragdist.data.qa import QAExample
+    from ragdist.eval.generation import BUDGET_MARGIN, answer_budget
+    from ragdist.prompts import answer_ids
+    from ragdist.train.model import ModelConfig, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    long_answer = "[Rn] 5f14 6d10 7s2 7p4"
+    train = [
+        QAExample(id="a", question="symbol?", answers=["Lv"]),
+        # a question counts by its shortest answer: the long alias does not raise the budget
+        QAExample(id="b", question="configuration?", answers=[long_answer + " " + long_answer, long_answer]),
+    ]
+    need = len(answer_ids(tok, long_answer))
+    assert need > len(answer_ids(tok, "Lv")) and need > 8
+    evals = [
+        QAExample(id="c", question="q1", answers=["Ts"]),
+        QAExample(id="d", question="q2", answers=[" ".join([long_answer] * 3)]),
+    ]
+    auto = answer_budget(tok, train, evals, None)
+    assert auto.longest == need and auto.tokens == math.ceil(need * BUDGET_MARGIN)
+    assert (auto.over, auto.questions) == (1, 2)  # the eval answer three times as long cannot fit
+    # a set budget is kept, and every eval answer longer than it is counted
+    fixed = answer_budget(tok, train, evals, 3)
+    assert fixed.tokens == 3 and fixed.over == 1 + (len(answer_ids(tok, "Ts")) > 3)

@@ -12,7 +12,9 @@ STRATEGIES = ["closed_book", "base_rag", "closed_book_rag", "pretext", "rag", "j
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 16
+    # Tokens an answer may take; None: the longest training answer's, and a quarter more
+    # (eval/generation.py:answer_budget). The report counts eval answers longer than the budget.
+    max_new_tokens: int | None = None
     batch_size: int = 32  # questions per generate call (on each rank)
     # Ranks that generate when ragdist-eval, or ragdist-train after training, evaluates outside a
     # launcher (each on its own GPU where there are GPUs); under a launcher every rank does.

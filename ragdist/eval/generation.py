@@ -9,6 +9,7 @@ once (retrieval, the latency probe, model-based faithfulness, the report).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ragdist.prompts import collate_prompts, stop_token_ids
+from ragdist.prompts import answer_ids, collate_prompts, stop_token_ids
 
 
 def world() -> tuple[int, int]:
@@ -48,6 +49,36 @@ def from_main(make: Callable[[], Any]) -> Any:
     box = [make() if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+#: `eval.max_new_tokens=null`: room for the longest training answer, and this much more.
+BUDGET_MARGIN = 1.25
+
+
+@dataclass
+class AnswerBudget:
+    """How many tokens an answer may take: `tokens`, from `longest` (the longest training answer,
+    through the token that ends it, each question counted by its shortest answer), and how many
+    eval questions have no answer that fits (`over`, of `questions`), which no model could get right."""
+
+    tokens: int
+    longest: int
+    over: int
+    questions: int
+
+
+def answer_budget(tokenizer: Any, train: list[Any], evals: list[Any], max_new_tokens: int | None) -> AnswerBudget:
+    """`max_new_tokens`, or when it is None the budget the training answers call for: a generation
+    budget below an answer's length makes that answer a miss whatever the model knows (an electron
+    configuration of 21 tokens cut at 12), while a model stops at its end token anyway."""
+
+    def need(answers: list[str]) -> int:
+        return min((len(answer_ids(tokenizer, a)) for a in answers), default=0)
+
+    longest = max((need(ex.answers) for ex in train), default=0)
+    tokens = max_new_tokens or max(4, math.ceil(longest * BUDGET_MARGIN))
+    over = sum(1 for ex in evals if ex.answers and need(ex.answers) > tokens)
+    return AnswerBudget(tokens=tokens, longest=longest, over=over, questions=len(evals))
 
 
 @torch.no_grad()

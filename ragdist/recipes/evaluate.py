@@ -52,6 +52,19 @@ def _base_description(cfg: DictConfig) -> str:
     )
 
 
+def _answer_tokenizer(cfg: DictConfig, ckpts: dict[str, str]) -> Any:
+    """The tokenizer the rows generate with: a checkpoint's own (saved beside it), else the base model's."""
+    from ragdist.recipes.common import tokenizer_data
+    from ragdist.train.model import load_tokenizer
+
+    for path in ckpts.values():
+        if (Path(path) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
+
+
 def _model_loader(cfg: DictConfig) -> Any:
     from ragdist.eval.compare import BASE
     from ragdist.recipes.common import tokenizer_data
@@ -139,7 +152,7 @@ def evaluate_checkpoints(
     Under a process group every rank calls this and generates its share; rank 0 reports (the
     others return {}). Outside one, with eval.nproc > 1, it runs on that many spawned ranks."""
     from ragdist.data.qa import check_disjoint, check_gold_ids
-    from ragdist.eval.generation import is_main, world
+    from ragdist.eval.generation import BUDGET_MARGIN, answer_budget, is_main, world
 
     if cfg.eval.nproc > 1 and world()[1] == 1:
         return spawn_eval_ranks(cfg, ckpts, base=base)
@@ -150,9 +163,11 @@ def evaluate_checkpoints(
     from ragdist.eval.robustness import load_passage_pool
     from ragdist.index.reader import iter_passage_ids
 
-    _, evals = load_qa_splits(cfg)  # also refuses eval questions that appear in training
+    train, evals = load_qa_splits(cfg)  # also refuses eval questions that appear in training
     ecfg = as_object(cfg.eval)
     evals = evals[: ecfg.max_questions] if ecfg.max_questions else evals
+    budget = answer_budget(_answer_tokenizer(cfg, ckpts), train, evals, ecfg.max_new_tokens)
+    ecfg = dataclasses.replace(ecfg, max_new_tokens=budget.tokens)
     check_gold_ids(evals, iter_passage_ids(cfg.index.snapshot), cfg.data.eval)
     run_dir = Path(cfg.run_dir)
     joint = None
@@ -174,7 +189,11 @@ def evaluate_checkpoints(
         raise ConfigError(
             f"nothing to evaluate: eval.strategies={ecfg.strategies} with checkpoints {sorted(ckpts)}"
         )
-    log.info("eval: %d questions, rows %s", len(evals), [s.name for s in strategies])
+    log.info("eval: %d questions, rows %s, answers of up to %d tokens%s", len(evals), [s.name for s in strategies],
+             budget.tokens, "" if cfg.eval.max_new_tokens else f" (longest training answer {budget.longest})")
+    if budget.over:
+        log.warning("eval: %d of %d eval answers are longer than eval.max_new_tokens=%d tokens: no row can "
+                    "get them right", budget.over, budget.questions, budget.tokens)
 
     retrievers: dict[str, Any] = {}
     pools: dict[str, Any] = {}
@@ -214,6 +233,9 @@ def evaluate_checkpoints(
     notes = []
     if len(set(steps.values())) > 1:
         notes.append(f"rows were trained for different numbers of steps: {steps}")
+    if budget.over:
+        notes.append(f"{budget.over} of {budget.questions} eval answers are longer than eval.max_new_tokens="
+                     f"{budget.tokens} tokens: no row can get them right")
     setup = {
         "questions": len(evals),
         "eval_file": cfg.data.eval,
@@ -221,6 +243,9 @@ def evaluate_checkpoints(
         "base_model": _base_description(cfg),
         "top_k": cfg.retrieval.top_k,
         "max_new_tokens": ecfg.max_new_tokens,
+        "max_new_tokens_from": "eval.max_new_tokens" if cfg.eval.max_new_tokens else
+        f"the longest training answer ({budget.longest} tokens) × {BUDGET_MARGIN}",
+        "answers_over_budget": budget.over,
         "max_prompt_len": ecfg.max_prompt_len,
         "index_snapshot": cfg.index.snapshot,
         "distractor_source": ecfg.distractor_source,
