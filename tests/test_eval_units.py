@@ -517,3 +517,10 @@ def test_answer_budget_fits_the_longest_training_answer() -> None:
     # a set budget is kept, and every eval answer longer than it is counted
     fixed = answer_budget(tok, train, evals, 3)
     assert fixed.tokens == 3 and fixed.over == 1 + (len(answer_ids(tok, "Ts")) > 3)
+
+
+def test_step_notes_compare_the_rows_not_the_pretext_stage() -> None:
+    from ragdist.recipes.evaluate import step_notes
+
+    assert step_notes({"pretext": 500, "rag": 2000, "closed_book": 2000}) == []
+    assert step_notes({"rag": 8, "closed_book": 6}) == ["rows were trained for different numbers of steps: {'rag': 8, 'closed_book': 6}"]

@@ -52,6 +52,15 @@ def _base_description(cfg: DictConfig) -> str:
     )
 
 
+def step_notes(steps: dict[str, Any]) -> list[str]:
+    """A note when the compared rows trained for different numbers of steps (the reader's pretext
+    stage comes before `rag`'s own steps and is not one of them)."""
+    compared = {n: s for n, s in steps.items() if n != "pretext"}
+    if len(set(compared.values())) > 1:
+        return [f"rows were trained for different numbers of steps: {compared}"]
+    return []
+
+
 def _answer_tokenizer(cfg: DictConfig, ckpts: dict[str, str]) -> Any:
     """The tokenizer the rows generate with: a checkpoint's own (saved beside it), else the base model's."""
     from ragdist.recipes.common import tokenizer_data
@@ -230,9 +239,7 @@ def evaluate_checkpoints(
     if joint is not None and joint.training:
         training["joint"] = joint.training
     steps = {n: s.get("steps") for n, s in training.items()}
-    notes = []
-    if len(set(steps.values())) > 1:
-        notes.append(f"rows were trained for different numbers of steps: {steps}")
+    notes = step_notes(steps)
     if budget.over:
         notes.append(f"{budget.over} of {budget.questions} eval answers are longer than eval.max_new_tokens="
                      f"{budget.tokens} tokens: no row can get them right")
