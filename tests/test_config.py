@@ -53,7 +53,7 @@ def test_the_recipe_follows_the_generator():
         "trainer.micro_batch_size": 16,
         "trainer.lr": 3.0e-3, "trainer.max_steps": 2000, "trainer.pretext.steps": 500,
         "trainer.examples.aggregation": "sequential", "trainer.examples.swap_answer_p": 1.0,
-        "trainer.examples.swap_made_up_p": 1.0, "trainer.examples.passage_temperature": 0.01,
+        "trainer.examples.swap_made_up_p": 0.5, "trainer.examples.passage_temperature": 0.01,
     }
     # a pretrained model gets the schema's plain values, and so does recipe=plain from scratch
     pretrained = compose(["model.name_or_path=/models/some-llm", "trainer=fsdp", "run_dir=/tmp/x"])
