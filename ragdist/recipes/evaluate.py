@@ -61,29 +61,32 @@ def step_notes(steps: dict[str, Any]) -> list[str]:
     return []
 
 
-def _answer_tokenizer(cfg: DictConfig, ckpts: dict[str, str]) -> Any:
-    """The tokenizer the rows generate with: a checkpoint's own (saved beside it), else the base model's."""
+def _base_tokenizer(cfg: DictConfig) -> Any:
+    """The base model's tokenizer (a generator built from config: its BPE, trained or reused)."""
     from ragdist.recipes.common import tokenizer_data
     from ragdist.train.model import load_tokenizer
 
+    return load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
+
+
+def _answer_tokenizer(cfg: DictConfig, ckpts: dict[str, str]) -> Any:
+    """The tokenizer the rows generate with: a checkpoint's own (saved beside it), else the base model's."""
     for path in ckpts.values():
         if (Path(path) / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(path)
-    return load_tokenizer(as_object(cfg.model), tokenizer_data(cfg))
+    return _base_tokenizer(cfg)
 
 
 def _model_loader(cfg: DictConfig) -> Any:
     from ragdist.eval.compare import BASE
-    from ragdist.recipes.common import tokenizer_data
-    from ragdist.train.model import build_generator, load_generator, load_tokenizer
+    from ragdist.train.model import build_generator, load_generator
 
     def load(ref: str) -> tuple[Any, Any]:
         if ref == BASE:
-            mcfg = as_object(cfg.model)
-            tokenizer = load_tokenizer(mcfg, tokenizer_data(cfg))
-            return build_generator(mcfg, tokenizer).eval(), tokenizer
+            tokenizer = _base_tokenizer(cfg)
+            return build_generator(as_object(cfg.model), tokenizer).eval(), tokenizer
         return load_generator(ref, dtype=cfg.model.dtype, attn=cfg.model.attn_implementation)
 
     return load
