@@ -92,6 +92,37 @@ def test_chunks_windows_overlap_and_ids(tmp_path, embedder):
     assert chunks[-1].text.endswith("w299")
 
 
+@pytest.mark.parametrize("kind", ["sentence-transformers", "hf"])
+def test_chunk_token_ids_encode_as_their_text(tmp_path, embedder, kind):
+    """A chunk that is its whole document brings its tokens, and the embedder encodes them to its
+    text's vector (cut to the embedder's max_length alike); a window of a longer document brings
+    none (its text, cut inside a word, may tokenize otherwise) and is encoded from its text."""
+    import numpy as np
+
+    from ragdist.embed import EmbedderConfig, build_embedder
+    from ragdist.embed.embedder import encode_chunks
+
+    texts = ["Élévation 1,495 m (4,905 ft) — Zürich's ICAO code is LSZH.", "a", "?",
+             " ".join(f"token{i}" for i in range(15)), "tab\tand\nnewline  spaces"]
+    rows = [json.dumps({"id": "long", "text": " ".join(f"w{i}" for i in range(300))})]
+    rows += [json.dumps({"id": f"s{i}", "text": t}) for i, t in enumerate(texts)]
+    enc = embedder if kind == "sentence-transformers" else build_embedder(
+        EmbedderConfig(kind="hf", max_length=24, progress=False))
+    ids: list = []
+    chunks = chunk_documents(load_documents(write(tmp_path / "c.jsonl", rows)), enc.tokenizer, 64, 16, token_ids=ids)
+    assert len(ids) == len(chunks) and enc.accepts_ids
+    assert sum(c.doc_id == "long" for c in chunks) > 2
+    assert all(i is None for c, i in zip(chunks, ids) if c.doc_id == "long")
+    for c, i in zip(chunks, ids):
+        if c.doc_id != "long":
+            assert i == enc.tokenizer(c.text, add_special_tokens=False)["input_ids"], c.text
+    got = encode_chunks(enc, [c.text for c in chunks], ids)
+    np.testing.assert_allclose(got, enc.encode([c.text for c in chunks]), atol=1e-5)
+    only_ids = [i for i in ids if i is not None]
+    np.testing.assert_allclose(enc.encode_ids(only_ids),
+                               enc.encode([c.text for c, i in zip(chunks, ids) if i is not None]), atol=1e-5)
+
+
 def test_chunk_rejects_bad_overlap(tiny_docs, embedder):
     with pytest.raises(DataError, match="chunk_overlap"):
         chunk_documents(tiny_docs, embedder.tokenizer, 32, 32)

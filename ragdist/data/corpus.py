@@ -605,11 +605,16 @@ def _parquet_rows(pf: Any, start: int, end: int, columns: Sequence[str] | None =
     return table.slice(start - first, end - start)
 
 
-def chunk_documents(docs: Sequence[Document], tokenizer: Any, window: int, overlap: int) -> list[Chunk]:
+def chunk_documents(docs: Sequence[Document], tokenizer: Any, window: int, overlap: int,
+                    token_ids: list[list[int] | None] | None = None) -> list[Chunk]:
     """Split each document into windows of `window` tokens sharing `overlap` tokens.
 
     Windows are cut on the embedder's own tokens so no chunk is silently truncated at
-    embedding time; the text of each window is the exact character span it covers.
+    embedding time; the text of each window is the exact character span it covers. With
+    `token_ids` (a list), one entry per chunk is appended to it: the tokens (no special tokens)
+    of a chunk that is its whole document, which are the tokens of its text, so the embedder can
+    take them instead of tokenizing the text again; None for a window of a longer document,
+    whose text, cut inside a word, may tokenize otherwise than the window's tokens.
     """
     if window <= 0:
         raise DataError(f"corpus.chunk_tokens={window}: must be > 0")
@@ -628,6 +633,8 @@ def chunk_documents(docs: Sequence[Document], tokenizer: Any, window: int, overl
                 text = doc.text
             else:
                 text = doc.text[offsets[s][0] : offsets[e - 1][1]]
+            if token_ids is not None:
+                token_ids.append(list(enc["input_ids"]) if len(starts) == 1 else None)
             chunks.append(
                 Chunk(
                     id=f"{doc.id}#{j}",

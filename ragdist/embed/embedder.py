@@ -20,6 +20,9 @@ class Embedder(Protocol):
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray: ...
 
+    # Optional (both embedders here have it): `encode_ids(token_ids)`, the vectors of texts already
+    # cut into this embedder's tokens (no special tokens), when `accepts_ids` is true.
+
 
 def resolve_model_path(name: str) -> str:
     if name == "minilm":
@@ -63,13 +66,77 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """The special tokens the tokenizer puts before and after one text's own tokens ([CLS] … [SEP]).
+
+    Read from the tokenizer itself (a probe text with and without them), so it holds for any
+    single-text template; None where its own tokens do not appear whole between the two.
+    """
+    probe = "frame probe"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if plain and full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
+    return None
+
+
+def id_batches(token_ids: list[list[int]], frame: tuple[list[int], list[int]], pad_id: int | None,
+               with_types: bool, max_length: int, batch_size: int) -> Any:
+    """Batches of pre-tokenized texts, longest first: (their positions, input tensors).
+
+    Each text gets the tokenizer's special tokens (`frame`) and is cut to `max_length` with them, as
+    `truncation=True, max_length=...` cuts a text; batches are padded to their longest, so sorting
+    by length keeps padding small, as `SentenceTransformer.encode` does.
+    """
+    import torch
+
+    head, tail = frame
+    room = max(max_length - len(head) - len(tail), 0)
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    for b in range(0, len(order), batch_size):
+        pos = order[b : b + batch_size]
+        rows = [head + list(token_ids[i][:room]) + tail for i in pos]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[j, : len(r)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if with_types:
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        yield pos, batch
+
+
+def _unsort(parts: list[tuple[list[int], np.ndarray]], n: int, dim: int) -> np.ndarray:
+    out = np.zeros((n, dim), dtype=np.float32)
+    for pos, v in parts:
+        out[pos] = v
+    return out
+
+
 def embedder_name(cfg: EmbedderConfig) -> str:
     """The `name` that `build_embedder(cfg)` will report, without loading the model."""
     path = resolve_model_path(cfg.name)
     return f"{Path(path).name}:{model_fingerprint(path)}"
 
 
-class SentenceTransformerEmbedder:
+class _TakesIds:
+    """What both embedders share for `encode_ids`: the batches of pre-tokenized texts."""
+
+    tokenizer: Any
+    _frame: tuple[list[int], list[int]] | None
+    cfg: EmbedderConfig
+
+    def _id_batches(self, token_ids: list[list[int]], max_length: int) -> Any:
+        assert self._frame is not None
+        with_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
+        return id_batches(token_ids, self._frame, self.tokenizer.pad_token_id, with_types, max_length,
+                          self.cfg.batch_size)
+
+
+class SentenceTransformerEmbedder(_TakesIds):
     def __init__(self, cfg: EmbedderConfig):
         from sentence_transformers import SentenceTransformer
 
@@ -82,6 +149,38 @@ class SentenceTransformerEmbedder:
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
         self.name = embedder_name(cfg)
+        # Token ids stand in for a text only where `encode` would feed the text's own tokens to a
+        # text transformer: no default prompt put before each text, a Transformer first module.
+        from sentence_transformers.models import Transformer
+
+        default = self.model.default_prompt_name
+        prompt = (self.model.prompts or {}).get(default, "") if default else ""
+        self._frame = special_frame(self.tokenizer)
+        self.accepts_ids = not prompt and isinstance(self.model[0], Transformer) and self._frame is not None
+
+    def encode_ids(self, token_ids: list[list[int]]) -> np.ndarray:
+        """`encode` of texts already in this model's tokens: the same vectors, one tokenization fewer."""
+        import torch
+
+        if not self.accepts_ids:
+            raise ConfigError(f"embedder.name={self.cfg.name!r}: this model takes texts, not token ids")
+        device = self.model.device
+        parts = []
+        threads = torch.get_num_threads()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            self.model.eval()
+            for pos, batch in self._id_batches(token_ids, self.model.max_seq_length):
+                feats = {k: v.to(device) for k, v in batch.items()}
+                with torch.inference_mode(), autocast(self.cfg):
+                    v = self.model(feats)["sentence_embedding"].float()
+                if self.cfg.normalize:
+                    v = torch.nn.functional.normalize(v, p=2, dim=1)
+                parts.append((pos, v.cpu().numpy()))
+        finally:
+            torch.set_num_threads(threads)
+        return _unsort(parts, len(token_ids), self.dim)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         import torch
@@ -103,7 +202,7 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
-class HFMeanPoolEmbedder:
+class HFMeanPoolEmbedder(_TakesIds):
     """Any HF encoder: mean of the last hidden states over real tokens."""
 
     def __init__(self, cfg: EmbedderConfig):
@@ -117,12 +216,31 @@ class HFMeanPoolEmbedder:
         self.model = AutoModel.from_pretrained(self.path).to(cfg.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.name = embedder_name(cfg)
+        self._frame = special_frame(self.tokenizer)
+        self.accepts_ids = self._frame is not None
         self._torch = torch
+
+    def _pool(self, batch: Any) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad(), autocast(self.cfg):
+            h = self.model(**batch).last_hidden_state.float()
+        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        v = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.cfg.normalize:
+            v = torch.nn.functional.normalize(v, dim=-1)
+        return v.float().cpu().numpy()
+
+    def encode_ids(self, token_ids: list[list[int]]) -> np.ndarray:
+        """`encode` of texts already in this model's tokens: the same vectors, one tokenization fewer."""
+        if not self.accepts_ids:
+            raise ConfigError(f"embedder.name={self.cfg.name!r}: its tokenizer's special tokens could not be read")
+        parts = [(pos, self._pool({k: v.to(self.cfg.device) for k, v in batch.items()}))
+                 for pos, batch in self._id_batches(token_ids, self.cfg.max_length)]
+        return _unsort(parts, len(token_ids), self.dim)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        torch = self._torch
         out = []
         rng = range(0, len(texts), self.cfg.batch_size)
         for i in tqdm(rng, disable=not (progress and self.cfg.progress), desc="embed"):
@@ -133,16 +251,25 @@ class HFMeanPoolEmbedder:
                 max_length=self.cfg.max_length,
                 return_tensors="pt",
             ).to(self.cfg.device)
-            with torch.no_grad(), autocast(self.cfg):
-                h = self.model(**batch).last_hidden_state.float()
-            m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-            v = (h * m).sum(1) / m.sum(1).clamp(min=1)
-            if self.cfg.normalize:
-                v = torch.nn.functional.normalize(v, dim=-1)
-            out.append(v.float().cpu().numpy())
+            out.append(self._pool(batch))
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+
+
+def encode_chunks(embedder: Embedder, texts: list[str], token_ids: list[list[int] | None] | None) -> np.ndarray:
+    """The vectors of `texts`; those whose tokens are given (`chunk_documents(token_ids=...)`) are
+    encoded from them, where the embedder takes token ids, without tokenizing their text again."""
+    have = [i for i, t in enumerate(token_ids or []) if t is not None]
+    if not have or not getattr(embedder, "accepts_ids", False):
+        return embedder.encode(texts)
+    assert token_ids is not None and len(token_ids) == len(texts)
+    rest = [i for i, t in enumerate(token_ids) if t is None]
+    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    out[have] = embedder.encode_ids([token_ids[i] for i in have])  # type: ignore[attr-defined]
+    if rest:
+        out[rest] = embedder.encode([texts[i] for i in rest])
+    return out
 
 
 def build_embedder(cfg: EmbedderConfig) -> Embedder:

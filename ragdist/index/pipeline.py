@@ -55,7 +55,7 @@ from ragdist.data.corpus import (
     where_in_corpus,
 )
 from ragdist.embed.config import EmbedderConfig
-from ragdist.embed.embedder import embedder_name
+from ragdist.embed.embedder import embedder_name, encode_chunks
 from ragdist.errors import ConfigError, DataError, IndexError_, RagdistError
 from ragdist.index.builder import (
     _wants_vectors,
@@ -160,28 +160,30 @@ class EmbedWorker:
     def ready(self) -> dict[str, Any]:
         return {"name": self.embedder.name, "dim": int(self.embedder.dim), "pid": os.getpid(), "threads": self.threads}
 
-    def _prepare(self, part: dict[str, Any]) -> tuple[list[tuple[int, Any]], list[Chunk], float, float]:
+    def _prepare(self, part: dict[str, Any]) -> tuple[list[tuple[int, Any]], list[Chunk], list[Any], float, float]:
         t0 = time.perf_counter()
         c = self.corpus
         docs = read_part(c.path, c.format, part, c.fields)
         t1 = time.perf_counter()
-        chunks = chunk_documents([d for _, d in docs], self._chunk_tokenizer, c.chunk_tokens, c.chunk_overlap)
-        return docs, chunks, t1 - t0, time.perf_counter() - t1
+        ids: list[Any] = []  # the chunker's tokens of each whole-document chunk: not tokenized twice
+        chunks = chunk_documents([d for _, d in docs], self._chunk_tokenizer, c.chunk_tokens, c.chunk_overlap,
+                                 token_ids=ids)
+        return docs, chunks, ids, t1 - t0, time.perf_counter() - t1
 
     def embed_part(self, part: dict[str, Any], ahead: dict[str, Any] | None = None) -> dict[str, Any]:
         t0, c0 = time.perf_counter(), time.process_time()
         pending, self._ahead = self._ahead, None
         prefetched = pending is not None and pending[0] == int(part["id"])
         if prefetched:
-            docs, chunks, read_s, chunk_s = pending[1].result()  # the prefetch's own error is raised here
+            docs, chunks, ids, read_s, chunk_s = pending[1].result()  # the prefetch's own error is raised here
         else:
             if pending is not None:  # read ahead for a part that went elsewhere: one chunker at a time
                 pending[1].exception()
-            docs, chunks, read_s, chunk_s = self._prepare(part)
+            docs, chunks, ids, read_s, chunk_s = self._prepare(part)
         if ahead is not None:
             self._ahead = (int(ahead["id"]), self._io.submit(self._prepare, ahead))
         t2 = time.perf_counter()
-        vectors = self.embedder.encode([ch.text for ch in chunks])
+        vectors = encode_chunks(self.embedder, [ch.text for ch in chunks], ids)
         t3 = time.perf_counter()
         if len(chunks) and (vectors.shape != (len(chunks), self.embedder.dim) or not np.isfinite(vectors).all()):
             raise IndexError_(f"part {part['id']}: the embedder returned {vectors.shape} vectors with NaN/inf or "
