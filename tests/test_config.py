@@ -38,7 +38,7 @@ def test_the_demos_read_three_passages_after_a_pretext_stage(exp):
 
 RECIPE_KEYS = ("model.tokenizer", "model.prompt_loss_weight", "model.prompt_loss_norm", "trainer.micro_batch_size", "trainer.lr",
                "trainer.max_steps", "trainer.pretext.steps", "trainer.examples.aggregation",
-               "trainer.examples.swap_answer_p", "trainer.examples.swap_made_up_p",
+               "trainer.examples.swap_answer_p", "trainer.examples.swap_made_up_p", "trainer.examples.swap_made_up",
                "trainer.examples.passage_temperature")
 
 
@@ -53,7 +53,8 @@ def test_the_recipe_follows_the_generator():
         "trainer.micro_batch_size": 16,
         "trainer.lr": 3.0e-3, "trainer.max_steps": 2000, "trainer.pretext.steps": 500,
         "trainer.examples.aggregation": "sequential", "trainer.examples.swap_answer_p": 1.0,
-        "trainer.examples.swap_made_up_p": 0.5, "trainer.examples.passage_temperature": 0.01,
+        "trainer.examples.swap_made_up_p": 0.5, "trainer.examples.swap_made_up": "all",
+        "trainer.examples.passage_temperature": 0.01,
     }
     # a pretrained model gets the schema's plain values, and so does recipe=plain from scratch
     pretrained = compose(["model.name_or_path=/models/some-llm", "trainer=fsdp", "run_dir=/tmp/x"])
@@ -63,7 +64,8 @@ def test_the_recipe_follows_the_generator():
         "trainer.micro_batch_size": 8,
         "trainer.lr": 1.0e-3, "trainer.max_steps": 1000, "trainer.pretext.steps": 0,
         "trainer.examples.aggregation": "concat", "trainer.examples.swap_answer_p": 0.0,
-        "trainer.examples.swap_made_up_p": 0.0, "trainer.examples.passage_temperature": 0.05,
+        "trainer.examples.swap_made_up_p": 0.0, "trainer.examples.swap_made_up": "words",
+        "trainer.examples.passage_temperature": 0.05,
     }
     assert as_object(pretrained).trainer.engine == "fsdp"
     # the choices are plain values once checked: the saved config and every rank see numbers
