@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,8 +22,15 @@ class Embedder(Protocol):
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray: ...
 
-    # Optional (both embedders here have it): `encode_ids(token_ids)`, the vectors of texts already
-    # cut into this embedder's tokens (no special tokens), when `accepts_ids` is true.
+
+@runtime_checkable
+class TakesIds(Protocol):
+    """An embedder that also encodes texts already cut into its tokens (no special tokens), when
+    `accepts_ids` is true; `encode_chunks` uses it. Both embedders here are one."""
+
+    accepts_ids: bool
+
+    def encode_ids(self, token_ids: list[list[int]]) -> np.ndarray: ...
 
 
 def resolve_model_path(name: str) -> str:
@@ -42,8 +51,6 @@ _DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 def autocast(cfg: EmbedderConfig) -> Any:
     """The context an encode runs in: autocast to `cfg.dtype`, or nothing for fp32."""
-    import contextlib
-
     import torch
 
     if cfg.dtype == "fp32":
@@ -52,6 +59,20 @@ def autocast(cfg: EmbedderConfig) -> Any:
     if cfg.dtype == "fp16" and device != "cuda":
         raise ConfigError("embedder.dtype=fp16 needs embedder.device=cuda; on CPU use bf16 or fp32")
     return torch.autocast(device_type=device, dtype=getattr(torch, _DTYPES[cfg.dtype]))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (0: left as they are) for the block, then put back."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_fingerprint(path: str) -> str:
@@ -166,10 +187,7 @@ class SentenceTransformerEmbedder(_TakesIds):
             raise ConfigError(f"embedder.name={self.cfg.name!r}: this model takes texts, not token ids")
         device = self.model.device
         parts = []
-        threads = torch.get_num_threads()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        try:
+        with torch_threads(self.cfg.threads):
             self.model.eval()
             for pos, batch in self._id_batches(token_ids, self.model.max_seq_length):
                 feats = {k: v.to(device) for k, v in batch.items()}
@@ -178,17 +196,10 @@ class SentenceTransformerEmbedder(_TakesIds):
                 if self.cfg.normalize:
                     v = torch.nn.functional.normalize(v, p=2, dim=1)
                 parts.append((pos, v.cpu().numpy()))
-        finally:
-            torch.set_num_threads(threads)
         return _unsort(parts, len(token_ids), self.dim)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        import torch
-
-        threads = torch.get_num_threads()
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        try:
+        with torch_threads(self.cfg.threads):
             with autocast(self.cfg):
                 vecs = self.model.encode(
                     list(texts),
@@ -197,8 +208,6 @@ class SentenceTransformerEmbedder(_TakesIds):
                     convert_to_numpy=True,
                     show_progress_bar=progress and self.cfg.progress,
                 )
-        finally:
-            torch.set_num_threads(threads)
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
 
@@ -222,7 +231,7 @@ class HFMeanPoolEmbedder(_TakesIds):
 
     def _pool(self, batch: Any) -> np.ndarray:
         torch = self._torch
-        with torch.no_grad(), autocast(self.cfg):
+        with torch_threads(self.cfg.threads), torch.no_grad(), autocast(self.cfg):
             h = self.model(**batch).last_hidden_state.float()
         m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         v = (h * m).sum(1) / m.sum(1).clamp(min=1)
@@ -261,12 +270,12 @@ def encode_chunks(embedder: Embedder, texts: list[str], token_ids: list[list[int
     """The vectors of `texts`; those whose tokens are given (`chunk_documents(token_ids=...)`) are
     encoded from them, where the embedder takes token ids, without tokenizing their text again."""
     have = [i for i, t in enumerate(token_ids or []) if t is not None]
-    if not have or not getattr(embedder, "accepts_ids", False):
+    if not have or not (isinstance(embedder, TakesIds) and embedder.accepts_ids):
         return embedder.encode(texts)
     assert token_ids is not None and len(token_ids) == len(texts)
     rest = [i for i, t in enumerate(token_ids) if t is None]
     out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-    out[have] = embedder.encode_ids([token_ids[i] for i in have])  # type: ignore[attr-defined]
+    out[have] = embedder.encode_ids([token_ids[i] for i in have])
     if rest:
         out[rest] = embedder.encode([texts[i] for i in rest])
     return out
