@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -89,6 +90,26 @@ def tiny_cross_encoder(tmp_path_factory, embedder):
     BertForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_index_built(ray_cluster, tmp_path_factory):
+    """The tiny experiment's index (`ragdist-index +experiment=tiny`), built once per session."""
+    root = tmp_path_factory.mktemp("tiny-index")
+    proc = run_cli(["ragdist-index", "+experiment=tiny", f"index.root={root}"], env={"RAY_ADDRESS": ray_cluster})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (root / "LATEST").is_file()
+    return root
+
+
+@pytest.fixture
+def tiny_index(tiny_index_built, tmp_path):
+    """An index root holding a copy of the tiny experiment's snapshot: a `+experiment=tiny` run given
+    `index.root=<it>` finds its inputs' snapshot there and reuses it instead of embedding the corpus
+    again. Each test gets its own copy, so versions a run adds (joint refreshes) stay in that test."""
+    dst = tmp_path / "idx"
+    shutil.copytree(tiny_index_built, dst)
+    return dst
 
 
 def run_cli(args: list[str], *, env: dict | None = None, timeout: int = 900, cwd: Path = ROOT):

@@ -23,7 +23,7 @@ def _predictions(run: Path, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_compare_trains_missing_rows_then_reuses_them(ray_cluster, tmp_path):
+def test_compare_trains_missing_rows_then_reuses_them(ray_cluster, tiny_index, tmp_path):
     nli = save_tiny_classifier(tmp_path / "nli", ["contradiction", "entailment", "neutral"])
     run = tmp_path / "cmp"
     proc = run_cli(
@@ -39,7 +39,7 @@ def test_compare_trains_missing_rows_then_reuses_them(ray_cluster, tmp_path):
             "eval.distractors=[2]",
             f"eval.nli_model={nli}",
             "logger=wandb",
-            f"index.root={tmp_path / 'idx'}",
+            f"index.root={tiny_index}",
             "retrieval.service_name=compare-test",
             f"hydra.run.dir={run}",
         ],

@@ -24,7 +24,7 @@ def _untimed(x):
 
 
 @pytest.mark.slow
-def test_two_rank_evaluation_reports_what_one_process_does(ray_cluster, tmp_path):
+def test_two_rank_evaluation_reports_what_one_process_does(ray_cluster, tiny_index, tmp_path):
     from ragdist.prompts import write_reader_format
     from ragdist.train.config import ExamplesConfig
 
@@ -35,7 +35,7 @@ def test_two_rank_evaluation_reports_what_one_process_does(ray_cluster, tmp_path
         "ragdist-eval",
         "+experiment=tiny",
         f"eval.checkpoint={ckpt}",
-        f"index.root={tmp_path / 'idx'}",
+        f"index.root={tiny_index}",
         "data.max_eval=22",
         "eval.batch_size=4",  # 6 batches, the last one short, dealt to 2 ranks
         "eval.max_new_tokens=4",

@@ -28,9 +28,9 @@ def _losses(run, variant):
 
 
 @pytest.mark.slow
-def test_tiny_rag_and_closed_book_losses_are_golden(ray_cluster, tmp_path):
+def test_tiny_rag_and_closed_book_losses_are_golden(ray_cluster, tiny_index, tmp_path):
     run = tmp_path / "run"
-    p = run_cli(["ragdist-train", "+experiment=tiny", f"index.root={tmp_path / 'idx'}",
+    p = run_cli(["ragdist-train", "+experiment=tiny", f"index.root={tiny_index}",
                  "retrieval.service_name=golden", *CHEAP_EVAL, f"hydra.run.dir={run}"],
                 env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -39,10 +39,10 @@ def test_tiny_rag_and_closed_book_losses_are_golden(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_joint_lsr_losses_are_golden(ray_cluster, tmp_path):
+def test_tiny_joint_lsr_losses_are_golden(ray_cluster, tiny_index, tmp_path):
     run = tmp_path / "run"
     p = run_cli(["ragdist-train", "+experiment=tiny", "joint=lsr", "trainer.variants=[rag]", "eval.strategies=[rag]",
-                 f"index.root={tmp_path / 'idx'}", "retrieval.service_name=golden-joint", *CHEAP_EVAL,
+                 f"index.root={tiny_index}", "retrieval.service_name=golden-joint", *CHEAP_EVAL,
                  f"hydra.run.dir={run}"], env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert _losses(run, "rag") == pytest.approx(GOLDEN["joint_lsr"], rel=REL)

@@ -20,9 +20,9 @@ from tests.conftest import ROOT, run_cli
 from tests.test_golden import CHEAP_EVAL
 
 
-def _args(tmp_path, run):
+def _args(index, run):
     return ["+experiment=tiny", "joint=lsr", "trainer.variants=[rag]", "eval.strategies=[rag]", "trainer.max_steps=12",
-            "trainer.log_every=1", f"index.root={tmp_path / 'idx'}", "retrieval.service_name=joint-resume",
+            "trainer.log_every=1", f"index.root={index}", "retrieval.service_name=joint-resume",
             *CHEAP_EVAL, f"hydra.run.dir={run}"]  # fmt: skip
 
 
@@ -33,16 +33,16 @@ def _logged(metrics: Path) -> int:
 
 
 @pytest.mark.slow
-def test_joint_preemption_and_resume_reproduce_the_losses(ray_cluster, tmp_path):
+def test_joint_preemption_and_resume_reproduce_the_losses(ray_cluster, tiny_index, tmp_path):
     env = {"RAY_ADDRESS": ray_cluster}
     full = tmp_path / "full"
-    p = run_cli(["ragdist-train", *_args(tmp_path, full)], env=env)
+    p = run_cli(["ragdist-train", *_args(tiny_index, full)], env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     want = json.loads((full / "train_rag.json").read_text())
 
     run = tmp_path / "cut"
     log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ragdist-train"), *_args(tmp_path, run)], cwd=ROOT,
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ragdist-train"), *_args(tiny_index, run)], cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", **env), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 400
@@ -65,7 +65,7 @@ def test_joint_preemption_and_resume_reproduce_the_losses(ray_cluster, tmp_path)
     assert 3 <= state["step"] < 12 and state["hooks"]["joint"]["served"]["seq"] == 0
     assert not (run / "checkpoints" / "rag").exists()  # nothing exported from a preempted run
 
-    p = run_cli(["ragdist-train", *_args(tmp_path, run), "trainer.resume=auto"], env=env)
+    p = run_cli(["ragdist-train", *_args(tiny_index, run), "trainer.resume=auto"], env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads((run / "train_rag.json").read_text())
     assert got["resumed_from"] == str(found) and got["steps"] == 12

@@ -128,7 +128,7 @@ def test_supervised_config_errors_name_the_key():
 
 
 @pytest.mark.slow
-def test_supervised_stage_before_joint_training_side_both(ray_cluster, tmp_path):
+def test_supervised_stage_before_joint_training_side_both(ray_cluster, tiny_index, tmp_path):
     """`joint=lsr joint.supervised.steps=N joint.side=both` through ragdist-train: the supervised stage
     refreshes the index while it trains, and joint training starts from its encoders and final index."""
     from tests.conftest import run_cli
@@ -138,7 +138,7 @@ def test_supervised_stage_before_joint_training_side_both(ray_cluster, tmp_path)
     p = run_cli(["ragdist-train", "+experiment=tiny", "joint=lsr", "joint.side=both", "joint.refresh_every=3",
                  "joint.refresh_nice=0", "joint.refresh_wait_staleness=4", "joint.supervised.steps=6",
                  "joint.supervised.batch_size=8", "joint.encoder_max_length=64", "trainer.max_steps=3",
-                 "trainer.variants=[rag]", "eval.strategies=[rag]", *CHEAP_EVAL, f"index.root={tmp_path / 'idx'}",
+                 "trainer.variants=[rag]", "eval.strategies=[rag]", *CHEAP_EVAL, f"index.root={tiny_index}",
                  "retrieval.service_name=dpr-then-lsr", f"hydra.run.dir={run}"], env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     sup = json.loads((run / "train_retriever.json").read_text())

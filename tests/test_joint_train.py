@@ -13,14 +13,14 @@ from tests.conftest import ROOT, run_cli
 
 
 @pytest.mark.slow
-def test_joint_side_both_refreshes_without_stopping(ray_cluster, tmp_path):
+def test_joint_side_both_refreshes_without_stopping(ray_cluster, tiny_index, tmp_path):
     run = tmp_path / "run"
     p = run_cli([
         "ragdist-train", "+experiment=tiny", "joint=lsr", "joint.side=both", "joint.refresh_every=3",
         "joint.refresh_wait_staleness=5", "joint.refresh_nice=0", "joint.refresh_timeout_s=300", "trainer.max_steps=9", "trainer.log_every=3",
         "trainer.variants=[rag]", "eval.strategies=[rag]", "eval.max_questions=4", "eval.latency_samples=1",
         "eval.latency_warmup=0", "eval.topk_sweep=[]", "eval.distractors=[]", "eval.order_checks=false",
-        "eval.plots=false", f"index.root={tmp_path / 'idx'}", "retrieval.service_name=test-joint-train",
+        "eval.plots=false", f"index.root={tiny_index}", "retrieval.service_name=test-joint-train",
         f"hydra.run.dir={run}",
     ], timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -180,12 +180,12 @@ def test_mixed_source_replaces_a_share_of_questions_with_reading_tasks():
 
 
 @pytest.mark.slow
-def test_pretext_then_rag_end_to_end(ray_cluster, tmp_path):
+def test_pretext_then_rag_end_to_end(ray_cluster, tiny_index, tmp_path):
     """Pretext through the engine with live retrieval (its loss falls), then RAG fine-tuning from its
     weights, and the pretext row and section in the report. (At this size no row answers anything yet:
     this test checks the stage, not its accuracy.)"""
     run = tmp_path / "run"
-    p = run_cli(["ragdist-train", "+experiment=tiny", f"index.root={tmp_path / 'idx'}", "trainer.pretext.steps=60",
+    p = run_cli(["ragdist-train", "+experiment=tiny", f"index.root={tiny_index}", "trainer.pretext.steps=60",
                  "retrieval.service_name=pretext-e2e", "eval.latency_samples=2", "eval.topk_sweep=[]",
                  "eval.plots=false", f"hydra.run.dir={run}"], env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

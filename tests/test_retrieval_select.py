@@ -164,10 +164,10 @@ def test_retrieval_only_without_reranker_says_so(lexical_case, embedder):
     assert "re-rank not run" in markdown(report)
 
 
-def test_retrieval_only_cli_reports_every_mode(ray_cluster, tmp_path, tiny_cross_encoder):
+def test_retrieval_only_cli_reports_every_mode(ray_cluster, tiny_index, tmp_path, tiny_cross_encoder):
     run = tmp_path / "run"
     r = run_cli([
-        "ragdist-eval", "+experiment=tiny", "eval.retrieval_only=true", f"index.root={tmp_path / 'idx'}",
+        "ragdist-eval", "+experiment=tiny", "eval.retrieval_only=true", f"index.root={tiny_index}",
         f"retrieval.rerank.model={tiny_cross_encoder}", "retrieval.rerank.top_n=10", "retrieval.auto.questions=60",
         "retrieval.service_name=retrieval-only-cli",
         "model.name_or_path=/nonexistent/generator",  # any attempt to load a generator would fail
@@ -193,11 +193,11 @@ def test_retrieval_only_cli_reports_every_mode(ray_cluster, tmp_path, tiny_cross
 
 
 @pytest.mark.slow
-def test_train_resolves_auto_once_before_training(ray_cluster, tmp_path):
+def test_train_resolves_auto_once_before_training(ray_cluster, tiny_index, tmp_path):
     run = tmp_path / "run"
     r = run_cli([
         "ragdist-train", "+experiment=tiny", "retrieval.mode=auto", "retrieval.auto.questions=60",
-        f"index.root={tmp_path / 'idx'}", "retrieval.service_name=auto-train", "trainer.variants=[rag]",
+        f"index.root={tiny_index}", "retrieval.service_name=auto-train", "trainer.variants=[rag]",
         "trainer.max_steps=4", "eval.strategies=[rag]", "eval.max_questions=4", "eval.latency_samples=1",
         "eval.latency_warmup=0", "eval.topk_sweep=[]", "eval.distractors=[]", "eval.order_checks=false",
         "eval.plots=false", f"hydra.run.dir={run}",

@@ -103,7 +103,7 @@ def test_checkpoint_with_bpe_loads_with_auto_tokenizer(tmp_path, bpe):
 
 
 @pytest.mark.slow
-def test_train_with_bpe_end_to_end(ray_cluster, tmp_path):
+def test_train_with_bpe_end_to_end(ray_cluster, tiny_index, tmp_path):
     from transformers import AutoTokenizer
 
     run_dir = tmp_path / "run"
@@ -113,7 +113,7 @@ def test_train_with_bpe_end_to_end(ray_cluster, tmp_path):
             "+experiment=tiny",
             "model.tokenizer=bpe",
             f"model.bpe_cache_dir={tmp_path / 'tok'}",
-            f"index.root={tmp_path / 'idx'}",
+            f"index.root={tiny_index}",
             "retrieval.service_name=bpe-test",
             "trainer.max_steps=5",
             f"hydra.run.dir={run_dir}",

@@ -32,7 +32,7 @@ def _steps_logged(metrics: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_75_and_resumes(ray_cluster, tmp_path):
+def test_sigterm_checkpoints_exits_75_and_resumes(ray_cluster, tiny_index, tmp_path):
     from ragdist.retrieval.client import RetrievalConfig, stop_service
 
     run_dir = tmp_path / "run"
@@ -41,7 +41,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(ray_cluster, tmp_path):
     args = [
         str(Path(sys.executable).parent / "ragdist-train"),
         "+experiment=tiny",
-        f"index.root={tmp_path / 'idx'}",
+        f"index.root={tiny_index}",
         f"retrieval.service_name={service}",
         "retrieval.detached=true",  # the resumed ranks below query the same service
         "trainer.variants=[rag]",
