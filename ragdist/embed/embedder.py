@@ -231,7 +231,7 @@ class HFMeanPoolEmbedder(_TakesIds):
 
     def _pool(self, batch: Any) -> np.ndarray:
         torch = self._torch
-        with torch_threads(self.cfg.threads), torch.no_grad(), autocast(self.cfg):
+        with torch.no_grad(), autocast(self.cfg):
             h = self.model(**batch).last_hidden_state.float()
         m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         v = (h * m).sum(1) / m.sum(1).clamp(min=1)
@@ -243,8 +243,9 @@ class HFMeanPoolEmbedder(_TakesIds):
         """`encode` of texts already in this model's tokens: the same vectors, one tokenization fewer."""
         if not self.accepts_ids:
             raise ConfigError(f"embedder.name={self.cfg.name!r}: its tokenizer's special tokens could not be read")
-        parts = [(pos, self._pool({k: v.to(self.cfg.device) for k, v in batch.items()}))
-                 for pos, batch in self._id_batches(token_ids, self.cfg.max_length)]
+        with torch_threads(self.cfg.threads):
+            parts = [(pos, self._pool({k: v.to(self.cfg.device) for k, v in batch.items()}))
+                     for pos, batch in self._id_batches(token_ids, self.cfg.max_length)]
         return _unsort(parts, len(token_ids), self.dim)
 
     def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
@@ -252,15 +253,16 @@ class HFMeanPoolEmbedder(_TakesIds):
 
         out = []
         rng = range(0, len(texts), self.cfg.batch_size)
-        for i in tqdm(rng, disable=not (progress and self.cfg.progress), desc="embed"):
-            batch = self.tokenizer(
-                list(texts[i : i + self.cfg.batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self.cfg.max_length,
-                return_tensors="pt",
-            ).to(self.cfg.device)
-            out.append(self._pool(batch))
+        with torch_threads(self.cfg.threads):
+            for i in tqdm(rng, disable=not (progress and self.cfg.progress), desc="embed"):
+                batch = self.tokenizer(
+                    list(texts[i : i + self.cfg.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.cfg.max_length,
+                    return_tensors="pt",
+                ).to(self.cfg.device)
+                out.append(self._pool(batch))
         if not out:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
