@@ -148,3 +148,42 @@ def test_launcher_exit_status_rules(monkeypatch):
     lo_code = "import os, sys; sys.exit(0 if os.environ.get('GLOO_SOCKET_IFNAME') == 'lo' else 1)"
     assert launch_local(_py(lo_code), 2) == 0
     assert "GLOO_SOCKET_IFNAME" not in os.environ
+
+
+def test_launcher_forwards_signals_to_its_ranks_only(tmp_path):
+    """A SIGTERM to the launching process reaches the ranks, not the children it had before (a Ray
+    cluster the driver started itself: a forwarded SIGTERM stopped its GCS server under the service
+    the driver still had to shut down, and the driver hung on it)."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    code = (
+        "import os, signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+        f"open(os.path.join({str(tmp_path)!r}, 'ready-' + os.environ['RANK']), 'w').close()\n"
+        "deadline = time.monotonic() + 120\n"
+        "while not got and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        f"sys.exit({REQUEUE_EXIT_CODE} if got else 1)\n"
+    )
+
+    def signal_when_ready() -> None:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=signal_when_ready, daemon=True)
+    try:
+        sender.start()
+        assert launch_local(_py(code), 2) == REQUEUE_EXIT_CODE
+        time.sleep(0.5)
+        assert bystander.poll() is None, "the launcher signalled a child that is not a rank"
+    finally:
+        sender.join(timeout=5)
+        bystander.kill()
+        bystander.wait()

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -31,8 +31,10 @@ def launched_by_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _children() -> list[int]:
-    """PIDs of this process's ranks: its direct children that the elastic agent started."""
+def _children(exclude: Collection[int] = ()) -> list[int]:
+    """PIDs of this process's ranks: its direct children that the elastic agent started, i.e. those
+    not in `exclude` (the children it had before the launch: a Ray cluster this process started,
+    say, whose GCS server a forwarded SIGTERM would stop under the service the driver still uses)."""
     pids: list[int] = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         try:
@@ -41,6 +43,8 @@ def _children() -> list[int]:
             continue
     ranks = []
     for pid in pids:
+        if pid in exclude:
+            continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
@@ -79,7 +83,7 @@ def launch_local(
     function rank that returns REQUEUE_EXIT_CODE reports a preemption). Returns 0 when every rank succeeded, 75 (requeue) when the ranks stopped for preemption, else
     the status of the rank that failed first; the agent then stops the others (SIGTERM, and SIGKILL
     after `grace_s`). SIGTERM / SIGUSR1 received here are forwarded to every rank, which checkpoint
-    and exit with 75.
+    and exit with 75, and to no other child of this process.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -101,10 +105,11 @@ def launch_local(
     else:
         target, call_args = entry[0], tuple(entry[1:])
     received: list[int] = []
+    before = set(_children())
 
     def forward(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        ranks = _children()
+        ranks = _children(exclude=before)
         log.warning("launcher: got %s, forwarding to %d ranks", signal.Signals(signum).name, len(ranks))
         for pid in ranks:
             try:
