@@ -171,16 +171,22 @@ def test_launcher_forwards_signals_to_its_ranks_only(tmp_path):
         f"sys.exit({REQUEUE_EXIT_CODE} if got else 1)\n"
     )
 
+    launched = threading.Event()  # set once launch_local returns: no signal to this process after that
+
     def signal_when_ready() -> None:
-        deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        while len(list(tmp_path.glob("ready-*"))) < 2 and not launched.is_set():
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if not launched.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
 
     sender = threading.Thread(target=signal_when_ready, daemon=True)
     try:
         sender.start()
-        assert launch_local(_py(code), 2) == REQUEUE_EXIT_CODE
+        try:
+            rc = launch_local(_py(code), 2)
+        finally:
+            launched.set()
+        assert rc == REQUEUE_EXIT_CODE
         time.sleep(0.5)
         assert bystander.poll() is None, "the launcher signalled a child that is not a rank"
     finally:
