@@ -146,6 +146,42 @@ def test_pretext_batches_put_the_span_after_the_passages_and_drop_gold_on_reques
         assert len(pids) == 3 and tasks[i].gold_ids[0] not in pids
 
 
+def test_made_up_spans_are_read_from_the_passages_shown():
+    """trainer.pretext.made_up_p: the stage's span swaps (the builder's swap_answer_p, every one made up)
+    put a span of the original's form that no passage holds into the passages shown and the target."""
+    import transformers
+
+    from ragdist.train.examples import answer_shape
+    from ragdist.train.model import ModelConfig, load_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    tok = load_tokenizer(ModelConfig())
+    store = _store()
+    fmt = ExamplesConfig(swap_answer_p=1.0, swap_made_up_p=1.0, swap_made_up="all")
+    builder = ExampleBuilder(tok, fmt, top_k=3, max_len=256, retrieve=_retrieve_from(store), store=store)
+    src = PretextSource(store, builder, PretextConfig(made_up_p=1.0), seed=0)
+    pos = Position(0, 0, tuple(range(16)))
+    batch = src.build(pos, src.fetch(pos))
+    tasks = src.examples_at(pos)
+    t = batch.tensors
+    corpus = " ".join(p["text"].lower() for p in store.passages)
+    made = 0
+    for row, labels, mask, i in zip(t["input_ids"], t["labels"], t["attention_mask"], pos.ids):
+        target = tok.decode(row[labels != -100], skip_special_tokens=True).strip()
+        prompt = tok.decode(row[(labels == -100) & (mask == 1)], skip_special_tokens=True)
+        span = tasks[i].answers[0]
+        # (the test tokenizer is the uncased WordPiece: compared lower-cased, without spaces)
+        assert answer_shape(target.replace(" ", "")) == answer_shape(span.lower().replace(" ", "")), (span, target)
+        assert target.replace(" ", "") in prompt.replace(" ", ""), (target, prompt)
+        if target.replace(" ", "") != span.lower().replace(" ", ""):
+            made += 1
+            if len(target.replace(" ", "")) >= 5:  # (a short one may be a piece of a real word)
+                assert target.replace(" ", "") not in corpus.replace(" ", ""), target
+    assert made >= 12, made
+    with pytest.raises(ConfigError, match="made_up_p"):
+        PretextConfig(made_up_p=2.0)
+
+
 def test_drop_gold_leaves_defaults_untouched():
     ranked = [{"id": f"p{i}#0", "doc_id": f"p{i}", "text": str(i)} for i in range(6)]
     for seed in range(20):
@@ -186,7 +222,7 @@ def test_pretext_then_rag_end_to_end(ray_cluster, tiny_index, tmp_path):
     this test checks the stage, not its accuracy.)"""
     run = tmp_path / "run"
     p = run_cli(["ragdist-train", "+experiment=tiny", f"index.root={tiny_index}", "trainer.pretext.steps=60",
-                 "retrieval.service_name=pretext-e2e", "eval.latency_samples=2", "eval.topk_sweep=[]",
+                 "trainer.pretext.made_up_p=0.5", "retrieval.service_name=pretext-e2e", "eval.latency_samples=2", "eval.topk_sweep=[]",
                  "eval.plots=false", f"hydra.run.dir={run}"], env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     pre = json.loads((run / "train_pretext.json").read_text())

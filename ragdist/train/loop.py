@@ -217,8 +217,9 @@ def train_pretext(
         max_steps=pcfg.steps,
         lr=pcfg.lr or trainer.lr,
         warmup_steps=trainer.warmup_steps if pcfg.warmup_steps < 0 else pcfg.warmup_steps,
-        # reading tasks' spans vary already: no answer swaps
-        examples=dataclasses.replace(trainer.examples, drop_gold_p=pcfg.drop_gold_p, swap_answer_p=0.0),
+        # a task's span, made up whole in its form for `made_up_p` of the tasks (PretextSource)
+        examples=dataclasses.replace(trainer.examples, drop_gold_p=pcfg.drop_gold_p, swap_answer_p=pcfg.made_up_p,
+                                     swap_made_up_p=1.0),
     )
     return train_variant(
         "pretext", [], trainer=stage, model_cfg=model_cfg, tokenizer=tokenizer, top_k=pcfg.top_k or top_k,

@@ -243,6 +243,10 @@ class PretextSource(_TaskSource):
         self.tasks = ReadingTasks(store, cfg, seed=seed)
         self.builder, self.lookahead = builder, lookahead
         self.num_examples = len(self.tasks)
+        if builder is not None:
+            # the span swaps (trainer.examples.swap_answer_p, set from `made_up_p` by the stage) make
+            # spans up; no answer pools
+            builder.swapper([])
 
     def examples_at(self, pos: Position) -> dict[int, QAExample]:
         return {i: self.tasks.task(i, pos.epoch) for i in pos.ids}
