@@ -129,7 +129,7 @@ class PretextConfig:
     drop_gold_p: float = 0.0
     # Share of tasks whose span is made up anew in its form (digits, codes and words at random, as
     # `trainer.examples.swap_made_up` makes answers), in the passages shown and in the target. A corpus
-    # small enough to be seen many times over in the stage (the elements' 236 passages, 68 times in 500
+    # small enough to be seen many times over in the stage (the elements' 241 chunks, 66 times in 500
     # steps of 32) is otherwise learnt by heart: the span is recalled from the query, not read.
     made_up_p: float = 0.0
     # Share of each `rag` micro-batch's examples replaced by pretext tasks (0 = QA only), so that
