@@ -217,27 +217,33 @@ def test_mixed_source_replaces_a_share_of_questions_with_reading_tasks():
 
 @pytest.mark.slow
 def test_pretext_then_rag_end_to_end(ray_cluster, tiny_index, tmp_path):
-    """Pretext through the engine with live retrieval (its loss falls), then RAG fine-tuning from its
-    weights, and the pretext row and section in the report. (At this size no row answers anything yet:
-    this test checks the stage, not its accuracy.)"""
+    """The reading recipe of a generator built from config (`recipe=auto`: corpus BPE, pretext stage with
+    made-up spans, one passage per example, counterfactual answers), shortened: pretext through the
+    engine with live retrieval (its loss falls), RAG fine-tuning from its weights, and on the test
+    sample's held-out questions the RAG-fine-tuned model beats the closed-book one."""
     run = tmp_path / "run"
-    p = run_cli(["ragdist-train", "+experiment=tiny", f"index.root={tiny_index}", "trainer.pretext.steps=60",
-                 "trainer.pretext.made_up_p=0.5", "retrieval.service_name=pretext-e2e", "eval.latency_samples=2", "eval.topk_sweep=[]",
-                 "eval.plots=false", f"hydra.run.dir={run}"], env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
+    p = run_cli(["ragdist-train", "+experiment=tiny", "recipe=auto", f"index.root={tiny_index}",
+                 "trainer.pretext.steps=150", "trainer.max_steps=600", "trainer.micro_batch_size=16",
+                 "trainer.warmup_steps=20", "trainer.log_every=100", "retrieval.service_name=pretext-e2e",
+                 "eval.latency_samples=2", "eval.topk_sweep=[]", "eval.plots=false", f"hydra.run.dir={run}"],
+                env={"RAY_ADDRESS": ray_cluster})  # fmt: skip
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     pre = json.loads((run / "train_pretext.json").read_text())
-    assert pre["world_size"] == 2 and pre["steps"] > 0
+    assert pre["world_size"] == 2 and pre["steps"] == 150
     losses = [h["loss"] for h in pre["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
     assert pre["retrieval_wait_s_per_step"] >= 0 and (run / "checkpoints" / "pretext" / "config.json").is_file()
     # each retrieval-trained checkpoint records how it reads its passages (ragdist-eval eval.checkpoint= checks it)
     reader = json.loads((run / "checkpoints" / "rag" / "ragdist_reader.json").read_text())
-    assert reader["aggregation"] == "concat" and reader["top_k"] == 3
+    assert reader["aggregation"] == "sequential" and reader["top_k"] == 3
     assert not (run / "checkpoints" / "closed_book" / "ragdist_reader.json").exists()
     report = json.loads((run / "report.json").read_text())
     res = report["results"]
     assert {"pretext", "rag", "closed_book"} <= set(res)
     print("EM", {k: v["em"] for k, v in res.items()})
+    # 40 questions about 10 airports the QA steps never asked about: only reading answers them (on one
+    # host 27.5, 20.0 and 5.0 EM at seeds 0, 1, 2, closed book 0 each)
+    assert res["rag"]["em"] >= 0.05 and res["rag"]["em"] > res["closed_book"]["em"], res
     # rag starts from the pretext stage's weights (closed book from the random initialization)
     first = {v: json.loads((run / f"train_{v}.json").read_text())["history"][0]["loss"] for v in ("rag", "closed_book")}
     assert first["rag"] < first["closed_book"] - 1.0, first
