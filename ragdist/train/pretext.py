@@ -15,7 +15,9 @@ original passage among their neighbours or, for `drop_gold_p` of the tasks, not.
 appears in the query, so the target can only be copied from a passage, and the model must tell the
 right passage from the others by what the query says about it — what a question will ask of it. Spans
 that recur in many passages (template words, country codes) are skipped: they can be guessed from
-priors, which is what the reader must not learn.
+priors, which is what the reader must not learn. For `made_up_p` of the tasks the span is made up anew
+in its form, in the passages shown and the target (the QA steps' `AnswerSwap`, every swap made up), so
+that a corpus small enough to be learnt by heart within the stage is still read.
 
 Tasks are made lazily, one per passage per epoch (a new span each epoch), so the stage scales with the
 corpus and holds nothing beyond the passage store.
